@@ -21,7 +21,16 @@ from torch import nn
 
 from .hierarchy import Hierarchy
 
-__all__ = ["ArchSpec", "TinyCNN", "build_model", "count_params", "expert_width", "expert_specs", "flat_spec"]
+__all__ = [
+    "ArchSpec",
+    "TinyCNN",
+    "build_model",
+    "count_params",
+    "expert_width",
+    "expert_specs",
+    "flat_spec",
+    "estimate_train_memory_mb",
+]
 
 
 @dataclass(frozen=True)
@@ -128,3 +137,26 @@ def expert_specs(
 
 def flat_spec(tree: Hierarchy, input_size: int = 32, width: int = 32) -> ArchSpec:
     return ArchSpec(width=width, num_outputs=tree.num_leaves, input_size=input_size)
+
+
+def estimate_train_memory_mb(spec: ArchSpec | dict, batch_size: int) -> float:
+    """Rough extra memory (MiB) one training round of ``spec`` needs beyond the idle process.
+
+    Counts weights, gradients and SGD momentum (3 copies of the parameters), the activations
+    autograd keeps for one batch (conv, BN and ReLU outputs of each block, plus pooling)
+    twice over for their gradients, and 16 MiB of allocator slack. Used by the scheduler and
+    the client to refuse tasks that would not fit a device's memory budget; the real number
+    is measured (``round_mem_mb``) and reported with every result.
+    """
+    if isinstance(spec, dict):
+        spec = ArchSpec.from_dict(spec)
+    w, s = spec.width, spec.input_size
+    params = count_params(spec)
+    per_sample = (
+        spec.in_channels * s * s
+        + 3 * w * s * s + w * (s // 2) ** 2
+        + 3 * 2 * w * (s // 2) ** 2 + 2 * w * (s // 4) ** 2
+        + 3 * 4 * w * (s // 4) ** 2
+    )
+    act_bytes = 4 * per_sample * batch_size * 2
+    return (3 * 4 * params + act_bytes) / (1024 * 1024) + 16.0

@@ -1,0 +1,197 @@
+"""Typed run configuration for the aggregation server, read from TOML.
+
+Every section is a dataclass with commented defaults; unknown sections or keys are
+rejected with the list of valid ones, and the resolved configuration is saved in the run
+directory as ``config.toml``. Example (``server/run.example.toml``)::
+
+    [run]
+    name = "cifar"
+    out = "runs/cifar"
+    dataset = "cifar100:/data/cifar100/train.npz"
+
+    [broker]
+    url = "mqtt://127.0.0.1:1883"
+
+    [schedule]
+    mode = "paper"
+    rounds = 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "dump_config", "config_from_dict"]
+
+
+class ConfigError(ValueError):
+    """The configuration file is malformed; the message names the key and the fix."""
+
+
+@dataclass
+class RunSection:
+    name: str = "run"  # run name: MQTT topic level edgehmoe/<name>/...
+    out: str = ""  # run directory (default runs/<name>)
+    dataset: str = "synthetic"  # dataset SPEC the server evaluates on (its held-out split)
+    eval_split: str = "val"  # split used for validation during the run
+    val_fraction: float = 0.1  # share of train held out as validation
+    seed: int = 0
+
+
+@dataclass
+class BrokerSection:
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt://HOST:PORT or mqtts://HOST:PORT
+    username: str = ""  # the server's broker account ("" = anonymous)
+    password_file: str = ""  # file holding the password
+    cafile: str = ""  # CA certificate for TLS (mqtts://)
+    client_id: str = ""  # default edgehmoe-server-<run>
+
+
+@dataclass
+class ModelSection:
+    kind: str = "hmoe"  # hmoe | flat
+    flat_width: int = 32  # width of the flat model; experts are sized relative to it
+    expert_width: int = 0  # 0 = size each expert to its node (flat_width * sqrt(k / L))
+    root_width: int = 0  # 0 = sized like the other experts
+    min_width: int = 4
+
+
+@dataclass
+class ScheduleSection:
+    mode: str = "paper"  # paper: one expert per round for all devices | parallel: one per device
+    rounds: int = 20
+    weighting: str = "data"  # how often each expert is visited: data (samples under it) | uniform
+    min_devices: int = 1  # wait for this many devices before the first round
+    devices_per_round: int = 0  # 0 = every available device
+    round_timeout_s: float = 300.0  # deadline: results after it are dropped
+    wait_for_devices_s: float = 120.0  # give up if not enough devices announce themselves
+    retries: int = 1  # extra attempts for a round in which no device answered
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 32
+    lr: float = 0.05
+    lr_schedule: str = "cosine"  # across rounds: constant | cosine
+    lr_min_factor: float = 0.05  # cosine floor as a fraction of lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class EvalSection:
+    every: int = 5  # evaluate on the validation split every k rounds (0 = only at the end)
+    max_examples: int = 5000  # cap on validation examples per evaluation
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out or f"runs/{self.run.name}")
+
+    def validate(self) -> "RunConfig":
+        from edgehmoe.wire import ID_PATTERN
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(bool(ID_PATTERN.fullmatch(self.run.name)), f"run.name {self.run.name!r}: use letters, digits, '-', '_', '.'")
+        need(self.model.kind in ("hmoe", "flat"), f"model.kind must be 'hmoe' or 'flat', not {self.model.kind!r}")
+        need(self.schedule.mode in ("paper", "parallel"), f"schedule.mode must be 'paper' or 'parallel', not {self.schedule.mode!r}")
+        need(self.schedule.weighting in ("data", "uniform"), "schedule.weighting must be 'data' or 'uniform'")
+        need(self.schedule.rounds >= 1, "schedule.rounds must be >= 1")
+        need(self.schedule.min_devices >= 1, "schedule.min_devices must be >= 1")
+        need(self.schedule.round_timeout_s > 0, "schedule.round_timeout_s must be > 0")
+        need(self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+        need(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr must be a positive number")
+        need(self.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'")
+        need(self.run.eval_split in ("val", "test", "train", "all"), "run.eval_split must be val, test, train or all")
+        need(0 <= self.run.val_fraction < 1, "run.val_fraction must be in [0, 1)")
+        need(self.model.flat_width >= 1, "model.flat_width must be >= 1")
+        need(self.eval.every >= 0, "eval.every must be >= 0")
+        return self
+
+
+def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
+    cfg = RunConfig()
+    sections = {f.name: f for f in fields(RunConfig)}
+    for sec_name, values in d.items():
+        if sec_name not in sections:
+            raise ConfigError(f"{source}: unknown section [{sec_name}]; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{sec_name}] must be a table of key = value lines")
+        sec = getattr(cfg, sec_name)
+        valid = {f.name: f for f in fields(sec)}
+        for key, value in values.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"{source}: unknown key {sec_name}.{key}; valid keys in [{sec_name}]: {', '.join(valid)}"
+                )
+            default = getattr(sec, key)
+            if isinstance(default, bool) or not isinstance(default, (int, float, str)):
+                ok = isinstance(value, type(default))
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise ConfigError(
+                    f"{source}: {sec_name}.{key} = {value!r} should be a {type(default).__name__} "
+                    f"(e.g. {sec_name}.{key} = {default!r})"
+                )
+            setattr(sec, key, value)
+    return cfg.validate()
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (see server/run.example.toml)")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(d, str(path))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved configuration as TOML (what ``config.toml`` in the run directory holds)."""
+    lines = []
+    for sec in fields(RunConfig):
+        lines.append(f"[{sec.name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, sec.name)).items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)

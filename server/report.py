@@ -1,0 +1,212 @@
+"""Summaries of finished runs: the seed paper's Table 1, ``summary.json`` and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+def per_node_costs(rows: list[dict]) -> dict[int, dict]:
+    """Median (over device-rounds) time and memory per node, plus totals."""
+    acc: dict[int, dict[str, list]] = {}
+    for r in rows:
+        for d in r.get("per_device", []):
+            a = acc.setdefault(int(d["node"]), {"t": [], "m": [], "p": [], "n": []})
+            a["t"].append(d["round_time_ms"])
+            a["m"].append(d["round_mem_mb"])
+            a["p"].append(d["peak_rss_mb"])
+            a["n"].append(d["num_examples"])
+    return {
+        n: {
+            "round_time_ms": float(np.median(a["t"])),
+            "round_mem_mb": float(np.median(a["m"])),
+            "peak_rss_mb": float(np.median(a["p"])),
+            "samples_per_device": float(np.median(a["n"])),
+            "device_rounds": len(a["t"]),
+            "total_time_ms": float(np.sum(a["t"])),
+        }
+        for n, a in acc.items()
+    }
+
+
+def _val_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
+    """(round, cumulative client ms, val info-F1) at each evaluated round."""
+    out, cum = [], 0.0
+    for r in rows:
+        cum += sum(d["round_time_ms"] for d in r.get("per_device", []))
+        if "val_info_f1" in r:
+            out.append((r["round"] + 1, cum, r["val_info_f1"]))
+    return out
+
+
+def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, flat: dict | None) -> dict:
+    """``hmoe``/``flat``: dicts with keys rows, metrics (held-out), params, tree, heldout_split."""
+    s: dict = {"dataset": dataset, "rounds": rounds, "clients": clients}
+    if flat is not None:
+        costs = per_node_costs(flat["rows"]).get(-1, {})
+        s["flat"] = {
+            "info_f1": flat["metrics"]["info_f1"],
+            "top1": flat["metrics"]["top1"],
+            "round_time_ms": costs.get("round_time_ms", float("nan")),
+            "round_mem_mb": costs.get("round_mem_mb", float("nan")),
+            "peak_rss_mb": costs.get("peak_rss_mb", float("nan")),
+            "params": flat["params"],
+            "total_client_ms": costs.get("total_time_ms", 0.0),
+            "metrics": flat["metrics"],
+            "val_curve": _val_curve(flat["rows"]),
+        }
+    if hmoe is not None:
+        tree = hmoe["tree"]
+        costs = per_node_costs(hmoe["rows"])
+        experts = []
+        for n in tree.internal_nodes:
+            c = costs.get(int(n))
+            experts.append({
+                "node": int(n),
+                "name": tree.names[n],
+                "depth": int(tree.depths[n]),
+                "children": int(tree.num_children[n]),
+                "params": hmoe["params"][int(n)],
+                "round_time_ms": c["round_time_ms"] if c else None,
+                "round_mem_mb": c["round_mem_mb"] if c else None,
+                "peak_rss_mb": c["peak_rss_mb"] if c else None,
+                "device_rounds": c["device_rounds"] if c else 0,
+            })
+        s["hmoe"] = {
+            "info_f1": hmoe["metrics"]["info_f1"],
+            "top1": hmoe["metrics"]["top1"],
+            "info_f1_beam2": hmoe.get("metrics_beam2", {}).get("info_f1"),
+            "params_total": int(sum(hmoe["params"].values())),
+            "total_client_ms": float(sum(c["total_time_ms"] for c in costs.values())),
+            "experts": experts,
+            "metrics": hmoe["metrics"],
+            "val_curve": _val_curve(hmoe["rows"]),
+            "experts_never_trained": [e["name"] for e in experts if e["device_rounds"] == 0],
+        }
+    if flat is not None and hmoe is not None:
+        s["heldout_split"] = hmoe.get("heldout_split", flat.get("heldout_split"))
+        # Equal total client compute: flat's validation info-F1 at the evaluated round whose
+        # cumulative client time is closest to what the whole HMoE run spent.
+        curve = s["flat"]["val_curve"]
+        if curve:
+            target = s["hmoe"]["total_client_ms"]
+            r, cum, f1 = min(curve, key=lambda c: abs(c[1] - target))
+            s["equal_compute"] = {"hmoe_total_client_ms": target, "flat_round": r, "flat_total_client_ms": cum,
+                                  "flat_val_info_f1": f1,
+                                  "hmoe_val_info_f1": s["hmoe"]["val_curve"][-1][2] if s["hmoe"]["val_curve"] else None}
+    return s
+
+
+def _pct(v, ref) -> str:
+    if v is None or ref in (None, 0) or not np.isfinite(ref):
+        return "n/a"
+    return f"{100.0 * v / ref:.1f}%"
+
+
+def _num(v, fmt="{:.1f}") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
+
+
+def format_table(s: dict) -> str:
+    """The seed paper's Table 1 for this run (plus median and root rows)."""
+    flat = s.get("flat", {})
+    ft, fm = flat.get("round_time_ms"), flat.get("round_mem_mb")
+    lines = [
+        f"Table 1 — {s['dataset']}, {s['clients']} clients, {s['rounds']} rounds, held-out split: {s.get('heldout_split', 'n/a')}",
+        f"{'model':<22}{'info-F1':>9}{'time/round ms':>15}{'% flat':>8}{'mem/round MB':>14}{'% flat':>8}{'params':>10}",
+    ]
+    if flat:
+        lines.append(f"{'Flat softmax':<22}{flat['info_f1']:>9.4f}{_num(ft):>15}{'100%':>8}{_num(fm):>14}{'100%':>8}{flat['params']:>10}")
+    h = s.get("hmoe")
+    if h:
+        lines.append(f"{'HMoE greedy':<22}{h['info_f1']:>9.4f}{'':>15}{'':>8}{'':>14}{'':>8}{h['params_total']:>10}")
+        if h.get("info_f1_beam2") is not None:
+            lines.append(f"{'HMoE beam 2':<22}{h['info_f1_beam2']:>9.4f}")
+        trained = [e for e in h["experts"] if e["round_time_ms"] is not None]
+        if trained:
+            by_t = sorted(trained, key=lambda e: e["round_time_ms"])
+            by_m = sorted(trained, key=lambda e: e["round_mem_mb"])
+            rows = [
+                ("HMoE max", by_t[-1]["round_time_ms"], by_m[-1]["round_mem_mb"], max(e["params"] for e in trained)),
+                ("HMoE median", float(np.median([e["round_time_ms"] for e in trained])),
+                 float(np.median([e["round_mem_mb"] for e in trained])), int(np.median([e["params"] for e in trained]))),
+                ("HMoE min", by_t[0]["round_time_ms"], by_m[0]["round_mem_mb"], min(e["params"] for e in trained)),
+            ]
+            root = next((e for e in trained if e["node"] == 0), None)
+            if root:
+                rows.append(("HMoE root expert", root["round_time_ms"], root["round_mem_mb"], root["params"]))
+            for name, t, m, p in rows:
+                lines.append(f"{name:<22}{'':>9}{_num(t):>15}{_pct(t, ft):>8}{_num(m):>14}{_pct(m, fm):>8}{p:>10}")
+        if h["experts_never_trained"]:
+            lines.append(f"  experts never trained in this run: {len(h['experts_never_trained'])} "
+                         f"(e.g. {', '.join(h['experts_never_trained'][:3])}) — more rounds needed")
+    eq = s.get("equal_compute")
+    if eq:
+        lines.append(
+            f"Equal client compute ({eq['hmoe_total_client_ms'] / 1000:.1f} s for HMoE): flat val info-F1 "
+            f"{eq['flat_val_info_f1']:.4f} at round {eq['flat_round']} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')}"
+        )
+    return "\n".join(lines)
+
+
+def plot_run(s: dict, out_dir: Path) -> list[Path]:
+    """info-F1 per round, and time / memory per expert with the flat model as reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("flat", "o-"), ("hmoe", "s-")):
+        curve = s.get(kind, {}).get("val_curve") or []
+        if curve:
+            ax.plot([c[0] for c in curve], [c[2] for c in curve], style, label=kind)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation info-F1")
+    ax.set_title(f"{s['dataset']}: info-F1 per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "info_f1_per_round.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    h = s.get("hmoe")
+    if h:
+        trained = [e for e in h["experts"] if e["round_time_ms"] is not None]
+        if trained:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for ax, key, label in ((axes[0], "round_time_ms", "time / round (ms)"),
+                                   (axes[1], "round_mem_mb", "memory / round (MB)")):
+                es = sorted(trained, key=lambda e: -e[key])
+                ax.bar(range(len(es)), [e[key] for e in es], color="tab:blue", label="experts")
+                ref = s.get("flat", {}).get(key)
+                if ref is not None and np.isfinite(ref):
+                    ax.axhline(ref, color="tab:red", ls="--", label="flat")
+                if len(es) <= 30:
+                    ax.set_xticks(range(len(es)))
+                    ax.set_xticklabels([e["name"][:14] for e in es], rotation=70, fontsize=7)
+                ax.set_ylabel(label)
+                ax.legend()
+            fig.suptitle(f"{s['dataset']}: per-round client cost per expert")
+            fig.tight_layout()
+            p = out_dir / "cost_per_expert.png"
+            fig.savefig(p, dpi=120)
+            plt.close(fig)
+            paths.append(p)
+    return paths

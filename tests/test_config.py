@@ -1,0 +1,43 @@
+import pytest
+
+from server.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+
+
+def test_defaults_round_trip_through_toml(tmp_path):
+    cfg = RunConfig()
+    cfg.run.name = "t1"
+    cfg.schedule.rounds = 7
+    p = tmp_path / "c.toml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "d, message",
+    [
+        ({"runn": {}}, r"unknown section \[runn\]; valid sections: run, broker"),
+        ({"run": {"nmae": "x"}}, r"unknown key run.nmae; valid keys in \[run\]: name"),
+        ({"schedule": {"rounds": "ten"}}, r"schedule.rounds = 'ten' should be a int"),
+        ({"schedule": {"mode": "serial"}}, r"schedule.mode must be 'paper' or 'parallel'"),
+        ({"train": {"lr": -1.0}}, r"train.lr must be a positive number"),
+        ({"run": {"name": "a/b"}}, r"run.name 'a/b'"),
+    ],
+)
+def test_bad_config_names_the_key(d, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(d)
+
+
+def test_malformed_toml_is_reported(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[run\nname = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_int_accepted_for_float_key():
+    cfg = config_from_dict({"train": {"lr": 1}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)

@@ -1,0 +1,64 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from server.scheduler import FLAT, DeviceView, Scheduler
+from tree9 import tree9
+
+# tree9 experts: root (0, 5 leaves), A (1, 2 leaves), B (2, 3 leaves), C (6, 2 leaves)
+ALL = np.ones(5, dtype=np.int64) * 10  # 10 samples of every class
+
+
+def test_paper_mode_visits_experts_in_proportion_to_data():
+    # Prepare: weights = samples under node: root 50, A 20, B 30, C 20 (total 120)
+    s = Scheduler(tree9(), "hmoe", "paper", "data")
+    devs = [DeviceView("d1", ALL, 0), DeviceView("d2", ALL, 0)]
+    # Execute
+    picks = [set(s.plan(devs).values()) for _ in range(120)]
+    # Assert: everyone trains the same expert; frequencies follow 50:20:30:20
+    assert all(len(p) == 1 for p in picks)
+    counts = Counter(next(iter(p)) for p in picks)
+    assert counts == {0: 50, 1: 20, 2: 30, 6: 20}
+
+
+def test_paper_mode_asks_only_devices_with_data_under_the_node():
+    s = Scheduler(tree9(), "hmoe", "paper", "uniform")
+    only_a = np.array([10, 10, 0, 0, 0])
+    devs = [DeviceView("d1", ALL, 0), DeviceView("d2", only_a, 0)]
+    plans = [s.plan(devs) for _ in range(8)]
+    for p in plans:
+        node = next(iter(p.values()))
+        if node in (2, 6):
+            assert set(p) == {"d1"}
+        else:
+            assert set(p) == {"d1", "d2"}
+
+
+def test_parallel_mode_gives_devices_different_experts_within_budget():
+    need = {0: 100.0, 1: 10.0, 2: 10.0, 6: 10.0}
+    s = Scheduler(tree9(), "hmoe", "parallel", "data", memory_need_mb=need)
+    devs = [DeviceView("big", ALL, 0), DeviceView("small1", ALL, 50), DeviceView("small2", ALL, 50)]
+    for _ in range(10):
+        plan = s.plan(devs)
+        assert len(plan) == 3 and len(set(plan.values())) == 3
+        assert plan["small1"] != 0 and plan["small2"] != 0  # root does not fit 50 MB
+
+
+def test_flat_mode_and_credits_resume():
+    s = Scheduler(tree9(), "flat")
+    assert s.plan([DeviceView("d", ALL, 0)]) == {"d": FLAT}
+    a = Scheduler(tree9(), "hmoe", "paper")
+    devs = [DeviceView("d", ALL, 0)]
+    seq = [next(iter(a.plan(devs).values())) for _ in range(7)]
+    # a second scheduler started from the saved credits continues the same sequence
+    b = Scheduler(tree9(), "hmoe", "paper", credits=dict(a.credits))
+    cont_a = [next(iter(a.plan(devs).values())) for _ in range(5)]
+    cont_b = [next(iter(b.plan(devs).values())) for _ in range(5)]
+    assert cont_a == cont_b and len(seq) == 7
+
+
+def test_no_devices_no_plan():
+    assert Scheduler(tree9(), "hmoe").plan([]) == {}
+    with pytest.raises(ValueError, match="mode"):
+        Scheduler(tree9(), "hmoe", "weird")
