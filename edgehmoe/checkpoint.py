@@ -29,6 +29,7 @@ from .hierarchy import Hierarchy
 
 __all__ = [
     "FORMAT_VERSION",
+    "contiguous_arrays",
     "CheckpointError",
     "ModelDir",
     "NetworkEntry",
@@ -120,12 +121,12 @@ class ModelDir:
 
     def write_expert(self, node: int, arch: dict, arrays: dict[str, np.ndarray], params: int) -> None:
         rel = f"experts/{node}.safetensors"
-        atomic_write_bytes(self.path / rel, save(_contiguous(arrays), metadata={"node": str(node)}))
+        atomic_write_bytes(self.path / rel, save(contiguous_arrays(arrays), metadata={"node": str(node)}))
         self.experts[node] = NetworkEntry(arch=arch, file=rel, name=self.hierarchy.names[node], params=params)
 
     def write_flat(self, arch: dict, arrays: dict[str, np.ndarray], params: int) -> None:
         rel = "flat.safetensors"
-        atomic_write_bytes(self.path / rel, save(_contiguous(arrays), metadata={"node": "flat"}))
+        atomic_write_bytes(self.path / rel, save(contiguous_arrays(arrays), metadata={"node": "flat"}))
         self.flat = NetworkEntry(arch=arch, file=rel, name="flat", params=params)
 
     # ------------------------------------------------------------ reading
@@ -143,8 +144,10 @@ class ModelDir:
         return (["hmoe"] if self.experts else []) + (["flat"] if self.flat is not None else [])
 
 
-def _contiguous(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+def contiguous_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # np.ascontiguousarray turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,);
+    # np.require keeps their shape.
+    return {k: np.require(v, requirements="C") for k, v in arrays.items()}
 
 
 def read_model_dir(path: str | Path) -> ModelDir:

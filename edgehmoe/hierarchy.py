@@ -557,7 +557,12 @@ def wordnet_hierarchy(
         wnid = wnid.strip()
         if len(wnid) < 2 or wnid[0] != "n" or not wnid[1:].isdigit():
             raise HierarchyError(f"{wnid!r} is not a WordNet noun id like 'n01443537'")
-        s = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
+        try:
+            s = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
+        except Exception:  # nltk raises several types for offsets it cannot find
+            s = None
+        if s is None:
+            raise HierarchyError(f"{wnid} is not a noun synset in WordNet 3.0 (check wnids.txt)")
         class_synsets.append(s)
         node = s
         while node.name() != root:

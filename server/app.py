@@ -33,7 +33,7 @@ import numpy as np
 
 from edgehmoe import __version__, wire
 from edgehmoe.aggregation import InvalidUpdate, fedavg, validate_update
-from edgehmoe.checkpoint import ModelDir, NetworkEntry, atomic_write_bytes, atomic_write_json
+from edgehmoe.checkpoint import ModelDir, NetworkEntry, atomic_write_bytes, atomic_write_json, contiguous_arrays
 from edgehmoe.hierarchy import Hierarchy
 
 from .config import RunConfig, dump_config
@@ -177,7 +177,7 @@ class AggregationServer:
 
         name = "flat" if node == FLAT else str(node)
         rel = f"experts/{name}.r{rnd + 1}.safetensors"
-        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        data = save(contiguous_arrays(arrays),
                     metadata={"node": name, "round": str(rnd)})
         atomic_write_bytes(self.out / rel, data)
         return rel

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunSection:
-    name: str = "run"  # run name: MQTT topic level edgehmoe/<name>/...
+    name: str = "edgehmoe"  # run name: MQTT topic level edgehmoe/<name>/... (clients default to it too)
     out: str = ""  # run directory (default runs/<name>)
     dataset: str = "synthetic"  # dataset SPEC the server evaluates on (its held-out split)
     eval_split: str = "val"  # split used for validation during the run

@@ -135,3 +135,14 @@ def test_packaged_tiny_imagenet_tree_is_rebuilt_from_wordnet():
     assert rebuilt == packaged, f"{packaged_tree_path()} is out of date: rebuild it with `edgehmoe hierarchy build`"
     assert packaged.num_leaves == 200 and packaged.names[0] == "entity.n.01"
     assert np.all(packaged.num_children[packaged.internal_nodes] >= 2)
+
+
+def test_unknown_wnid_is_a_clear_error():
+    from edgehmoe.hierarchy import wordnet_hierarchy
+
+    if not _wordnet_available():
+        pytest.skip("WordNet 3.0 missing")
+    with pytest.raises(HierarchyError, match="n09999999 is not a noun synset"):
+        wordnet_hierarchy(["n01443537", "n09999999"])
+    with pytest.raises(HierarchyError, match="not a WordNet noun id"):
+        wordnet_hierarchy(["dog"])
