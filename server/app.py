@@ -259,7 +259,7 @@ class AggregationServer:
         self.conn = MqttConnection.from_url(
             b.url, client_id=b.client_id or f"edgehmoe-server-{self.cfg.run.name}",
             username=b.username or None, password=self.password, cafile=b.cafile or None,
-            on_message=lambda t, p: self.inbox.put((t, p)),
+            on_message=lambda t, p: self.inbox.put((t, p)), session_expiry_s=3600,
         )
         self.conn.connect(timeout=30)
         for f in self.topics.server_filters():

@@ -1,0 +1,1 @@
+"""edgehmoe aggregation server."""

@@ -1,0 +1,336 @@
+"""End-to-end federated rounds over a real Mosquitto with real ``edgehmoe-client`` processes.
+
+Each test starts its own broker (auth + ACL) on a free loopback port, writes device shards of
+a small synthetic dataset, launches client subprocesses and runs the aggregation server
+(in-process, or as ``python -m server`` for the crash/resume test).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require_tool
+
+pytestmark = pytest.mark.slow
+
+DATASET = "synthetic:coarse=2,fine=3,per_class=40,test_per_class=10,size=16,seed=3"
+
+
+class Federation:
+    def __init__(self, tmp: Path, n_clients: int, extra_users=()):
+        require_tool("mosquitto")
+        from edgehmoe.datasets import load_dataset
+        from edgehmoe.partition import IidPartitioner, write_shards
+        from server.broker import MosquittoBroker
+
+        self.tmp = tmp
+        self.devices = [f"dev-{i}" for i in range(n_clients)]
+        self.passwords = {u: secrets.token_urlsafe(10) for u in ["edgehmoe-server", *self.devices, *extra_users]}
+        self.broker = MosquittoBroker(run_dir=tmp / "broker")
+        for u, pw in self.passwords.items():
+            self.broker.add_user(u, pw)
+        self.broker.start()
+        self.pwfiles = {}
+        for u, pw in self.passwords.items():
+            f = tmp / f"{u}.pw"
+            f.write_text(pw)
+            self.pwfiles[u] = f
+        train = load_dataset(DATASET, "train")
+        self.shards = write_shards(train, IidPartitioner(n_clients, seed=0), tmp / "shards")
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def config(self, run: str, kind: str = "hmoe", rounds: int = 3, **schedule):
+        from server.config import RunConfig
+
+        cfg = RunConfig()
+        cfg.run.name, cfg.run.out, cfg.run.dataset = run, str(self.tmp / run), DATASET
+        cfg.broker.url, cfg.broker.username = self.broker.url, "edgehmoe-server"
+        cfg.broker.password_file = str(self.pwfiles["edgehmoe-server"])
+        cfg.model.kind = kind
+        cfg.schedule.rounds = rounds
+        cfg.schedule.min_devices = len(self.devices)
+        cfg.schedule.round_timeout_s = schedule.pop("round_timeout_s", 60.0)
+        cfg.schedule.wait_for_devices_s = 60.0
+        for k, v in schedule.items():
+            setattr(cfg.schedule, k, v)
+        cfg.train.batch_size = 16
+        cfg.eval.every = 2
+        return cfg.validate()
+
+    def start_clients(self, run: str, devices=None, extra_args=()):
+        for dev in devices or self.devices:
+            shard = self.shards[self.devices.index(dev)]
+            log = open(self.tmp / f"{dev}-{run}.log", "ab")
+            cmd = [sys.executable, "-m", "edgehmoe.client", "--broker", self.broker.url, "--device-id", dev,
+                   "--data", str(shard), "--run", run, "--username", dev, "--password-file", str(self.pwfiles[dev]),
+                   "--threads", "1", "--state-dir", str(self.tmp / "state" / dev), *extra_args]
+            self.procs[dev] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.broker.close()
+
+
+@pytest.fixture
+def fed(tmp_path):
+    feds = []
+
+    def make(n, extra_users=()):
+        f = Federation(tmp_path, n, extra_users)
+        feds.append(f)
+        return f
+
+    yield make
+    for f in feds:
+        f.stop()
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("kind, mode", [("hmoe", "paper"), ("hmoe", "parallel"), ("flat", "paper")])
+def test_federated_rounds_end_to_end(fed, kind, mode):
+    from edgehmoe.hmoe import evaluate_models, load_models
+    from server.app import AggregationServer
+
+    # Prepare
+    f = fed(3)
+    cfg = f.config(f"t-{kind}-{mode}", kind=kind, rounds=4, mode=mode)
+    f.start_clients(cfg.run.name)
+    # Execute
+    rows = AggregationServer(cfg).run()
+    # Assert
+    out = Path(cfg.run.out)
+    assert [r["round"] for r in rows_of(out)] == [0, 1, 2, 3]
+    state = json.loads((out / "state.json").read_text())
+    assert state["round"] == 4 and len(state["devices"]) == 3
+    for r in rows:
+        assert r["devices_answered"] >= 1 and r["devices_answered"] == r["devices_asked"]
+        for d in r["per_device"]:
+            assert d["round_time_ms"] > 0 and d["peak_rss_mb"] > 0 and d["num_examples"] > 0
+    if mode == "parallel":  # several experts advance in one round
+        assert any(len(r["updated"]) > 1 for r in rows)
+    assert "val_info_f1" in rows[1] and "val_info_f1" in rows[3]
+    hm, fm, md = load_models(out)
+    assert md.kinds == [kind]
+    from edgehmoe.datasets import load_dataset
+
+    test = load_dataset(DATASET, "test")
+    m = evaluate_models(hm, fm, test.x, test.y)
+    assert 0.0 <= m["info_f1"] <= 1.0 and m["num_examples"] == len(test)
+
+
+def _fake_device(url, user, password, run, class_counts, reply, stop: threading.Event, seen: list):
+    """A device that announces itself and answers every task with ``reply(task)`` bytes."""
+    from edgehmoe import wire
+    from edgehmoe.mqtt import MqttConnection, Topics
+
+    topics = Topics(run)
+    conn = MqttConnection.from_url(url, client_id=user, username=user, password=password)
+    conn.connect(timeout=10)
+    conn.subscribe(topics.task(user))
+    conn.publish(topics.hello(user), wire.encode(wire.Hello(user, "0", wire.PROTOCOL_VERSION, 1000.0, 0.0, 1, "fake",
+                                                            class_counts)), retain=True)
+    try:
+        while not stop.is_set():
+            try:
+                _, payload = conn.receive(timeout=0.2)
+            except TimeoutError:
+                continue
+            task = wire.decode(payload)
+            seen.append(task.round)
+            body = reply(task)
+            if body is not None:
+                conn.publish(topics.result(user), body)
+    finally:
+        conn.close()
+
+
+def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog):
+    from edgehmoe import wire
+    from edgehmoe.partition import load_shard
+    from server.app import AggregationServer
+
+    # Prepare: 2 real clients, a device sending garbage, one sending NaN weights, one never answering
+    f = fed(2, extra_users=("evil-garbage", "evil-nan", "zombie"))
+    cfg = f.config("t-bad", rounds=2, round_timeout_s=6.0)
+    cfg.schedule.min_devices = 5
+    counts = load_shard(f.shards[0]).class_counts()
+
+    def nan_reply(task):
+        # A well-formed result whose weights are NaN. The encoder refuses NaN, so encode finite
+        # weights and rebuild the same payload (same metadata) with NaN tensors.
+        import struct
+
+        from safetensors.numpy import save
+
+        ok = wire.encode(wire.TrainResult(task.run, task.round, task.task_id, "evil-nan", task.node,
+                                          task.weights, 10, 1.0, 1.0, 1.0, 0.5))
+        (n,) = struct.unpack("<Q", ok[:8])
+        meta = json.loads(ok[8 : 8 + n])["__metadata__"]
+        bad = {f"w/{k}": (np.full_like(v, np.nan) if v.dtype.kind == "f" else v) for k, v in task.weights.items()}
+        return save(bad, metadata=meta)
+
+    stop = threading.Event()
+    seen = {k: [] for k in ("evil-garbage", "evil-nan", "zombie")}
+    replies = {"evil-garbage": lambda t: b"\x00garbage" * 50, "evil-nan": nan_reply, "zombie": lambda t: None}
+    threads = [threading.Thread(target=_fake_device, daemon=True,
+                                args=(f.broker.url, u, f.passwords[u], cfg.run.name, counts, replies[u], stop, seen[u]))
+               for u in replies]
+    for t in threads:
+        t.start()
+    f.start_clients(cfg.run.name)
+    # Execute
+    caplog.set_level(logging.WARNING)
+    t0 = time.monotonic()
+    try:
+        rows = AggregationServer(cfg).run()
+    finally:
+        stop.set()
+    # Assert: both rounds completed at the deadline, with only the two honest updates
+    assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["devices_asked"] == 5 and r["devices_answered"] == 2
+        assert r["outcomes"]["evil-garbage"] == "invalid" and r["outcomes"]["evil-nan"] == "invalid"
+        assert r["outcomes"]["zombie"] == "timeout"
+    assert time.monotonic() - t0 >= 2 * 6.0  # each round waited for the straggler until its deadline
+    assert all(seen[u] == [0, 1] for u in seen)
+    text = caplog.text
+    assert "dropped bad result payload from evil-garbage" in text
+    assert "evil-nan" in text and ("NaN" in text or "non-finite" in text or "finite" in text)
+    assert "zombie did not answer before the deadline" in text
+    state = json.loads((Path(cfg.run.out) / "state.json").read_text())
+    assert state["round"] == 2
+
+
+def test_client_killed_mid_round_round_completes_without_it(fed):
+    from edgehmoe import wire
+    from server.app import AggregationServer
+
+    # Prepare
+    f = fed(3)
+    cfg = f.config("t-kill", rounds=3, round_timeout_s=30.0)
+    f.start_clients(cfg.run.name)
+    victim = "dev-2"
+    killed = threading.Event()
+
+    def killer():
+        # kill the victim as soon as it reports "busy" in round 1 (it is training)
+        watch = f.broker  # noqa: F841
+        from edgehmoe.mqtt import MqttConnection, Topics
+
+        conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-server",
+                                       password=f.passwords["edgehmoe-server"])
+        conn.connect(timeout=10)
+        conn.subscribe(Topics(cfg.run.name).status(victim))
+        try:
+            while not killed.is_set():
+                try:
+                    _, p = conn.receive(timeout=0.5)
+                except TimeoutError:
+                    continue
+                s = wire.decode(p)
+                if s.state == "busy" and s.round == 1:
+                    f.procs[victim].kill()
+                    killed.set()
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    # Execute
+    rows = AggregationServer(cfg).run()
+    # Assert
+    assert killed.is_set()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    r1 = rows[1]
+    assert r1["outcomes"][victim] in ("offline", "ok")  # ok only if its result left before the kill
+    assert rows[2]["devices_asked"] == 2 and victim not in rows[2]["outcomes"]
+    state = json.loads((Path(cfg.run.out) / "state.json").read_text())
+    assert state["round"] == 3
+    assert not [d for d in state["devices"] if d["device_id"] == victim][0]["online"]
+
+
+def test_server_killed_and_resumed_loses_and_repeats_no_round(fed, tmp_path):
+    from server.config import dump_config
+
+    # Prepare
+    f = fed(2)
+    cfg = f.config("t-resume", rounds=6)
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_config(cfg))
+    f.start_clients(cfg.run.name)
+    out = Path(cfg.run.out)
+    server_log = open(tmp_path / "server.log", "ab")
+    cmd = [sys.executable, "-m", "server", "-v", "run", "--config", str(cfg_path)]
+    # Execute: kill -9 the server once round 2 is committed, then resume
+    proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = out / "state.json"
+        if st.exists() and json.loads(st.read_text())["round"] >= 2:
+            break
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((out / "state.json").read_text())["round"]
+    # a second start without --resume refuses to touch the run directory
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(cmd + ["--resume"], stdout=server_log, stderr=subprocess.STDOUT, timeout=300)
+    # Assert
+    assert resumed.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    rounds = [r["round"] for r in rows_of(out)]
+    assert rounds == list(range(6)), rounds
+    assert json.loads((out / "state.json").read_text())["round"] == 6
+    assert 2 <= killed_at < 6
+    # only the committed weight files remain
+    files = set(json.loads((out / "state.json").read_text())["files"].values())
+    assert {f"experts/{p.name}" for p in (out / "experts").glob("*.safetensors")} == files
+
+
+def test_device_cannot_publish_on_another_devices_topic(fed):
+    from edgehmoe import wire
+    from edgehmoe.mqtt import MqttConnection, PublishRefused, Topics
+
+    f = fed(2)
+    topics = Topics("t-acl")
+    server = MqttConnection.from_url(f.broker.url, client_id="srv", username="edgehmoe-server",
+                                     password=f.passwords["edgehmoe-server"])
+    server.connect(timeout=10)
+    server.subscribe(topics.result_filter())
+    dev = MqttConnection.from_url(f.broker.url, client_id="dev-0", username="dev-0", password=f.passwords["dev-0"])
+    dev.connect(timeout=10)
+    body = wire.encode(wire.Status("dev-1", "idle", -1, "spoof"))
+    try:
+        with pytest.raises(PublishRefused):
+            dev.publish(topics.result("dev-1"), body, timeout=10)
+        dev.publish(topics.result("dev-0"), wire.encode(wire.Status("dev-0", "idle", -1, "")), timeout=10)
+        topic, _ = server.receive(timeout=10)
+        assert topic == topics.result("dev-0")
+        with pytest.raises(TimeoutError):
+            server.receive(timeout=1.0)
+    finally:
+        dev.close()
+        server.close()
