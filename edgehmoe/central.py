@@ -54,7 +54,7 @@ def fit_hmoe(
     ``epochs_for(node, num_samples) -> epochs`` may vary epochs per expert (default: cfg.epochs).
     """
     tree = md.hierarchy
-    specs = specs or expert_specs(tree, md.input_size)
+    specs = expert_specs(tree, md.input_size) if specs is None else specs
     stats = {}
     bar = _progress(len(specs), "experts", progress)
     for node, spec in specs.items():

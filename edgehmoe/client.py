@@ -207,10 +207,13 @@ class DeviceClient:
 
     def serve(self) -> int:
         """Connect and process tasks until stopped (SIGTERM/SIGINT) or ``max_tasks`` are done."""
-        if self.threads > 0:
-            import torch
+        import torch
 
+        from .training import warm_up
+
+        if self.threads > 0:
             torch.set_num_threads(self.threads)
+        warm_up()  # torch's one-time start-up cost is not part of any round
         self.connect()
         try:
             while not self.stop.is_set():

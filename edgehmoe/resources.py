@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["RoundMeasurement", "RoundMeter", "rss_mb", "device_facts"]
+__all__ = ["RoundMeasurement", "RoundMeter", "rss_mb", "device_facts", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
 _MB = 1024.0 * 1024.0
@@ -47,6 +47,19 @@ def _read_hwm_mb() -> float | None:
     except OSError:
         return None
     return None
+
+
+def release_free_memory() -> bool:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so the next measurement
+    starts from the idle process and not from what an earlier, larger round left cached."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
 
 
 def _reset_hwm() -> bool:
@@ -97,6 +110,10 @@ class RoundMeter:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "RoundMeter":
+        import gc
+
+        gc.collect()
+        release_free_memory()
         self._hwm_reset = _reset_hwm()
         self._before = self._proc.memory_info().rss
         self._peak = self._before

@@ -35,6 +35,7 @@ __all__ = [
     "load_state_arrays",
     "relabel_samples",
     "measured_local_round",
+    "warm_up",
 ]
 
 logger = logging.getLogger(__name__)
@@ -264,3 +265,12 @@ def measured_local_round(
     with RoundMeter() as meter:
         out = local_round(arch, weights, label_map, x, labels, cfg, mean, std)
     return out, meter.result
+
+
+def warm_up() -> None:
+    """One tiny forward/backward pass, so that torch's one-time initialisation (thread
+    pools, kernels, autograd engine) is not charged to the first measured round."""
+    torch.manual_seed(0)
+    model = build_model(ArchSpec(width=4, num_outputs=2, input_size=8))
+    x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    train_epochs(model, x, np.array([0, 1, 0, 1]), TrainConfig(epochs=1, batch_size=4), np.full(3, 0.5), np.full(3, 0.25))
