@@ -334,3 +334,69 @@ def test_device_cannot_publish_on_another_devices_topic(fed):
     finally:
         dev.close()
         server.close()
+
+
+def test_run_survives_a_broker_restart(fed):
+    from server.app import AggregationServer
+
+    # Prepare
+    f = fed(2)
+    cfg = f.config("t-restart", rounds=4)
+    f.start_clients(cfg.run.name)
+    restarted = []
+
+    def progress(r, total, row):
+        if r == 2 and not restarted:  # between rounds 2 and 3 the broker goes away for a moment
+            f.broker.restart(downtime=1.0)
+            restarted.append(r)
+
+    # Execute
+    rows = AggregationServer(cfg, progress=progress).run()
+    # Assert: clients and server reconnected by themselves; no round lost
+    assert restarted == [2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["devices_answered"] == 2 for r in rows)
+    assert all(p.poll() is None for p in f.procs.values())  # the clients kept running
+
+
+def test_client_refuses_a_task_over_its_memory_budget(fed):
+    from edgehmoe import wire
+    from edgehmoe.experts import ArchSpec, build_model
+    from edgehmoe.mqtt import MqttConnection, Topics
+    from edgehmoe.training import state_arrays
+
+    # Prepare: a client with a 20 MB budget, and a task for a wide network
+    f = fed(1)
+    run = "t-budget"
+    f.start_clients(run, extra_args=("--memory-budget-mb", "20"))
+    topics = Topics(run)
+    srv = MqttConnection.from_url(f.broker.url, client_id="srv-budget", username="edgehmoe-server",
+                                  password=f.passwords["edgehmoe-server"])
+    srv.connect(timeout=10)
+    srv.subscribe(topics.status_filter())
+    spec = ArchSpec(64, 6, input_size=16)
+    task = wire.TrainTask(run=run, round=0, task_id="big-1", node=-1, arch=spec.to_dict(),
+                          label_map=np.arange(6, dtype=np.int64), weights=state_arrays(build_model(spec)),
+                          epochs=1, batch_size=256, lr=0.01, momentum=0.9, weight_decay=0.0,
+                          deadline_unix=time.time() + 60, seed=0, preprocess={"mean": [0.5] * 3, "std": [0.25] * 3})
+    # wait until the client is up (its retained "idle" status), then send the task
+    deadline = time.monotonic() + 60
+    states = []
+    try:
+        while time.monotonic() < deadline:
+            try:
+                _, p = srv.receive(timeout=1)
+            except TimeoutError:
+                continue
+            s = wire.decode(p)
+            states.append((s.state, s.detail))
+            if s.state == "idle" and len(states) == 1:
+                srv.publish(topics.task("dev-0"), wire.encode(task))
+            if s.state == "refused":
+                break
+    finally:
+        srv.close()
+    # Assert
+    assert states[-1][0] == "refused", states
+    assert "memory budget is 20 MB" in states[-1][1]
+    assert f.procs["dev-0"].poll() is None  # refused, not killed

@@ -1,0 +1,106 @@
+"""The `edgehmoe` command: JSON interfaces and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgehmoe.cli import main
+
+TINY = "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16,seed=1"
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "model"
+    assert main(["-q", "fit", "--dataset", TINY, "--model", "both", "--epochs", "2", "--batch-size", "16",
+                 "--threads", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_fit_and_evaluate_json_keys(fitted, capsys):
+    code, out, _ = run_cli(["-q", "evaluate", "--model-dir", str(fitted), "--dataset", TINY, "--split", "test", "--json"], capsys)
+    assert code == 0
+    m = json.loads(out)
+    for key in ("info_precision", "info_recall", "info_f1", "accuracy_per_level", "mistake_severity", "num_examples"):
+        assert key in m
+    assert m["num_examples"] == 60 and m["model"] == "hmoe"
+    assert set(m["accuracy_per_level"]) == {"1", "2"}
+    code, out, _ = run_cli(["-q", "evaluate", "--model-dir", str(fitted), "--dataset", TINY, "--split", "test",
+                            "--json", "--model", "flat"], capsys)
+    assert json.loads(out)["model"] == "flat"
+    code, out, _ = run_cli(["-q", "evaluate", "--model-dir", str(fitted), "--dataset", TINY, "--split", "test",
+                            "--json", "--beam", "2"], capsys)
+    assert json.loads(out)["beam"] == 2
+    code, out, _ = run_cli(["-q", "evaluate", "--model-dir", str(fitted), "--dataset", TINY, "--split", "test",
+                            "--json", "--threshold", "0.99"], capsys)
+    m = json.loads(out)
+    assert m["leaf_prediction_rate"] < 1.0 and m["info_precision"] >= m["info_recall"]
+
+
+def test_fit_refuses_to_overwrite(fitted, capsys):
+    code, _, err = run_cli(["-q", "fit", "--dataset", TINY, "--epochs", "1", "--out", str(fitted)], capsys)
+    assert code == 2 and "--force" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "--model-dir", "/nonexistent", "--dataset", TINY], "not an edgehmoe model directory"),
+        (["evaluate", "--model-dir", "x", "--dataset", "imagenet:/x"], "imagenet"),
+        (["evaluate", "--model-dir", "x", "--dataset", "cifar100:/nonexistent/dir"], "/nonexistent/dir"),
+        (["evaluate", "--model-dir", "x", "--dataset", "tinyimagenet:/nonexistent"], "/nonexistent"),
+        (["hierarchy", "show", "--csv", "/nonexistent.csv"], "does not exist"),
+        (["partition", "--dataset", TINY, "--num-devices", "2", "--scheme", "dirichlet:-1", "--out", "/tmp/x"], "alpha"),
+        (["partition", "--dataset", TINY, "--num-devices", "2", "--scheme", "zipf", "--out", "/tmp/x"], "iid"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    code, _, err = run_cli(["-q", *args], capsys)
+    assert code == 2
+    assert err.startswith("edgehmoe: error:") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_corrupt_csv_tree_names_the_row(tmp_path, capsys):
+    p = tmp_path / "tree.csv"
+    p.write_text("parent,child\nroot,a\nroot,b\na,x\nb,x\n")
+    code, _, err = run_cli(["hierarchy", "show", "--csv", str(p)], capsys)
+    assert code == 2 and "row 5" in err and "two parents" in err
+
+
+def test_evaluate_rejects_data_with_other_classes(fitted, capsys):
+    other = "synthetic:coarse=2,fine=4,per_class=5,test_per_class=2,size=16"
+    code, _, err = run_cli(["-q", "evaluate", "--model-dir", str(fitted), "--dataset", other], capsys)
+    assert code == 2 and "classes" in err
+
+
+def test_partition_writes_shards(tmp_path, capsys):
+    code, out, _ = run_cli(["-q", "partition", "--dataset", TINY, "--num-devices", "3", "--scheme", "dirichlet:0.5",
+                            "--out", str(tmp_path / "shards")], capsys)
+    assert code == 0 and "wrote 3 shards" in out
+    from edgehmoe.partition import load_shard
+
+    total = sum(len(load_shard(tmp_path / "shards" / f"device_{i:03d}.npz").label) for i in range(3))
+    assert total == 162  # 180 training images minus the 10 % validation hold-out
+
+
+def test_hierarchy_show_json(capsys):
+    code, out, _ = run_cli(["hierarchy", "show", "--dataset", TINY, "--json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["leaves"] == 6 and d["experts"] == 3 and d["parents"][0] == -1
+
+
+def test_console_script_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "edgehmoe" in r.stdout

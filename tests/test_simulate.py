@@ -1,0 +1,48 @@
+"""`edgehmoe-server simulate`: the one-command local federation (real Mosquitto, real clients)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require_tool
+
+pytestmark = pytest.mark.slow
+
+
+def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
+    require_tool("mosquitto")
+    out = tmp_path / "runs" / "sim"
+    cmd = [sys.executable, "-m", "server", "simulate", "--dataset",
+           "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16", "--clients", "3", "--rounds", "3",
+           "--model", "both", "--eval-every", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # Table 1 on stdout
+    assert "Table 1" in r.stdout and "Flat softmax" in r.stdout and "HMoE max" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dataset"].startswith("synthetic") and s["rounds"] == 3 and s["clients"] == 3
+    for key in ("info_f1", "round_time_ms", "round_mem_mb"):
+        assert key in s["flat"]
+    assert 0 <= s["flat"]["info_f1"] <= 1 and s["flat"]["round_time_ms"] > 0
+    assert 0 <= s["hmoe"]["info_f1"] <= 1
+    experts = s["hmoe"]["experts"]
+    assert len(experts) == 3  # root + 2 superclasses
+    for e in experts:
+        assert {"node", "name", "round_time_ms", "round_mem_mb", "params"} <= set(e)
+    trained = [e for e in experts if e["round_time_ms"] is not None]
+    assert trained and all(e["round_time_ms"] > 0 for e in trained)
+    assert (out / "plots" / "info_f1_per_round.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "bundle" / "manifest.json").exists()
+    # the run directory is a model directory for `edgehmoe evaluate`
+    ev = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "-q", "evaluate", "--model-dir", str(out), "--dataset",
+                         "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16", "--split", "test", "--json"],
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["info_f1"] == pytest.approx(s["hmoe"]["info_f1"])
+    # a second run into the same folder is refused without --force
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--force" in again.stderr
