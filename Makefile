@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgehmoe-installed
-DEMO_ARGS ?= --dataset synthetic --clients 3 --rounds 30 --model both --eval-every 5
+DEMO_ARGS ?= --dataset synthetic --clients 3 --rounds 30 --model both --weighting sqrt --expert-epochs 3 --eval-every 5
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup system-deps clean

@@ -58,7 +58,8 @@ def cmd_simulate(args) -> int:
     d["run"].update(seed=args.seed, val_fraction=args.val_fraction)
     d["schedule"].update(mode=args.mode, round_timeout_s=args.round_timeout)
     d["eval"].update(every=args.eval_every)
-    for sec, key, value in (("train", "epochs", args.local_epochs), ("train", "batch_size", args.batch_size),
+    for sec, key, value in (("train", "epochs", args.local_epochs), ("train", "expert_epochs", args.expert_epochs),
+                            ("schedule", "weighting", args.weighting), ("train", "batch_size", args.batch_size),
                             ("train", "lr", args.lr), ("model", "flat_width", args.flat_width),
                             ("model", "expert_width", args.expert_width), ("model", "root_width", args.root_width)):
         if value is not None:
@@ -115,6 +116,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA")
     s.add_argument("--mode", choices=["paper", "parallel"], default="paper")
     s.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 1)")
+    s.add_argument("--expert-epochs", type=int, default=None,
+                   help="local epochs for non-root experts (default: --local-epochs)")
+    s.add_argument("--weighting", choices=["data", "sqrt", "uniform"], default=None,
+                   help="how often each expert is visited in paper mode (default data)")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--flat-width", type=int, default=None)

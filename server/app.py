@@ -418,7 +418,8 @@ class AggregationServer:
                          else self.tree.label_map(node))
             task = wire.TrainTask(
                 run=cfg.run.name, round=rnd, task_id=task_id, node=node, arch=dict(spec),
-                label_map=label_map, weights=self.weights[node], epochs=cfg.train.epochs,
+                label_map=label_map, weights=self.weights[node],
+                epochs=cfg.train.expert_epochs if node > 0 and cfg.train.expert_epochs else cfg.train.epochs,
                 batch_size=cfg.train.batch_size, lr=lr, momentum=cfg.train.momentum,
                 weight_decay=cfg.train.weight_decay, deadline_unix=self.deadline,
                 seed=(cfg.run.seed * 100003 + rnd * 131 + zlib.crc32(dev_id.encode())) % (2**31),

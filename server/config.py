@@ -70,7 +70,7 @@ class ModelSection:
 class ScheduleSection:
     mode: str = "paper"  # paper: one expert per round for all devices | parallel: one per device
     rounds: int = 20
-    weighting: str = "data"  # how often each expert is visited: data (samples under it) | uniform
+    weighting: str = "data"  # how often each expert is visited: data (samples under it) | sqrt (of that) | uniform
     min_devices: int = 1  # wait for this many devices before the first round
     devices_per_round: int = 0  # 0 = every available device
     round_timeout_s: float = 300.0  # deadline: results after it are dropped
@@ -80,7 +80,8 @@ class ScheduleSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = 1  # local epochs per round
+    epochs: int = 1  # local epochs per round (the flat model and the root expert)
+    expert_epochs: int = 0  # local epochs for non-root experts (0 = epochs); they see 1/k of the data
     batch_size: int = 32
     lr: float = 0.05
     lr_schedule: str = "cosine"  # across rounds: constant | cosine
@@ -118,11 +119,12 @@ class RunConfig:
         need(bool(ID_PATTERN.fullmatch(self.run.name)), f"run.name {self.run.name!r}: use letters, digits, '-', '_', '.'")
         need(self.model.kind in ("hmoe", "flat"), f"model.kind must be 'hmoe' or 'flat', not {self.model.kind!r}")
         need(self.schedule.mode in ("paper", "parallel"), f"schedule.mode must be 'paper' or 'parallel', not {self.schedule.mode!r}")
-        need(self.schedule.weighting in ("data", "uniform"), "schedule.weighting must be 'data' or 'uniform'")
+        need(self.schedule.weighting in ("data", "sqrt", "uniform"), "schedule.weighting must be 'data', 'sqrt' or 'uniform'")
         need(self.schedule.rounds >= 1, "schedule.rounds must be >= 1")
         need(self.schedule.min_devices >= 1, "schedule.min_devices must be >= 1")
         need(self.schedule.round_timeout_s > 0, "schedule.round_timeout_s must be > 0")
         need(self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+        need(self.train.expert_epochs >= 0, "train.expert_epochs must be >= 0 (0 = same as train.epochs)")
         need(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr must be a positive number")
         need(self.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'")
         need(self.run.eval_split in ("val", "test", "train", "all"), "run.eval_split must be val, test, train or all")

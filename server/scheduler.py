@@ -4,7 +4,8 @@ Modes:
 
 - ``paper``: every device of a round trains the same expert (as in the seed paper); experts
   are visited by smooth weighted round-robin, weights = training samples under each node
-  (``weighting = "data"``) or equal (``"uniform"``). Only devices holding samples under the
+  (``weighting = "data"``), their square root (``"sqrt"``: the root, which holds all the
+  data, is visited less often and the small experts more) or equal (``"uniform"``). Only devices holding samples under the
   chosen node, and whose memory budget fits it, are asked.
 - ``parallel``: each device gets its own expert — the most "owed" one (largest round-robin
   credit) among those it holds data for and whose estimated memory fits its budget — so
@@ -54,6 +55,8 @@ class Scheduler:
             raise ValueError(f"kind must be hmoe or flat, got {kind!r}")
         if mode not in ("paper", "parallel"):
             raise ValueError(f"mode must be paper or parallel, got {mode!r}")
+        if weighting not in ("data", "sqrt", "uniform"):
+            raise ValueError(f"weighting must be data, sqrt or uniform, got {weighting!r}")
         self.tree = tree
         self.kind = kind
         self.mode = mode
@@ -79,7 +82,10 @@ class Scheduler:
     def weights(self, devices: list[DeviceView]) -> dict[int, float]:
         if self.weighting == "uniform":
             return {n: 1.0 for n in self.nodes}
-        return {n: float(sum(self.samples_under(n, d.class_counts) for d in devices)) for n in self.nodes}
+        w = {n: float(sum(self.samples_under(n, d.class_counts) for d in devices)) for n in self.nodes}
+        if self.weighting == "sqrt":
+            w = {n: float(np.sqrt(v)) for n, v in w.items()}
+        return w
 
     def _pick(self, weights: dict[int, float], eligible: list[int]) -> int:
         total = sum(weights.values())

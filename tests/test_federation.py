@@ -158,7 +158,7 @@ def _fake_device(url, user, password, run, class_counts, reply, stop: threading.
             except TimeoutError:
                 continue
             task = wire.decode(payload)
-            seen.append(task.round)
+            seen.append((task.round, task.node, task.epochs))
             body = reply(task)
             if body is not None:
                 conn.publish(topics.result(user), body)
@@ -175,6 +175,7 @@ def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog)
     f = fed(2, extra_users=("evil-garbage", "evil-nan", "zombie"))
     cfg = f.config("t-bad", rounds=2, round_timeout_s=6.0)
     cfg.schedule.min_devices = 5
+    cfg.train.expert_epochs = 2  # non-root experts train 2 local epochs, the root 1
     counts = load_shard(f.shards[0]).class_counts()
 
     def nan_reply(task):
@@ -214,7 +215,8 @@ def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog)
         assert r["outcomes"]["evil-garbage"] == "invalid" and r["outcomes"]["evil-nan"] == "invalid"
         assert r["outcomes"]["zombie"] == "timeout"
     assert time.monotonic() - t0 >= 2 * 6.0  # each round waited for the straggler until its deadline
-    assert all(seen[u] == [0, 1] for u in seen)
+    # round 0 trains the root (1 epoch), round 1 a superclass expert (expert_epochs = 2)
+    assert all([(r, n > 0, e) for r, n, e in seen[u]] == [(0, False, 1), (1, True, 2)] for u in seen), seen
     text = caplog.text
     assert "dropped bad result payload from evil-garbage" in text
     assert "evil-nan" in text and ("NaN" in text or "non-finite" in text or "finite" in text)

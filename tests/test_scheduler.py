@@ -62,3 +62,15 @@ def test_no_devices_no_plan():
     assert Scheduler(tree9(), "hmoe").plan([]) == {}
     with pytest.raises(ValueError, match="mode"):
         Scheduler(tree9(), "hmoe", "weird")
+
+
+def test_sqrt_weighting_visits_root_less_often():
+    # weights: root sqrt(50)=7.07, A sqrt(20)=4.47, B sqrt(30)=5.48, C 4.47 -> root ~33% instead of ~42%
+    s = Scheduler(tree9(), "hmoe", "paper", "sqrt")
+    devs = [DeviceView("d1", ALL, 0)]
+    counts = Counter(next(iter(s.plan(devs).values())) for _ in range(2149))
+    total = 7.0711 + 4.4721 + 5.4772 + 4.4721
+    assert counts[0] == pytest.approx(2149 * 7.0711 / total, abs=2)
+    assert counts[1] == pytest.approx(2149 * 4.4721 / total, abs=2)
+    with pytest.raises(ValueError, match="weighting"):
+        Scheduler(tree9(), "hmoe", "paper", "log")
