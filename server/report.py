@@ -149,6 +149,18 @@ def format_table(s: dict) -> str:
                 rows.append(("HMoE root expert", root["round_time_ms"], root["round_mem_mb"], root["params"]))
             for name, t, m, p in rows:
                 lines.append(f"{name:<22}{'':>9}{_num(t):>15}{_pct(t, ft):>8}{_num(m):>14}{_pct(m, fm):>8}{p:>10}")
+        if trained:
+            lines.append("")
+            lines.append(f"{'expert':<28}{'depth':>6}{'children':>9}{'params':>8}{'dev-rds':>8}"
+                         f"{'time ms':>10}{'% flat':>8}{'mem MB':>9}{'% flat':>8}{'peak MB':>9}")
+            shown = sorted(trained, key=lambda e: -e["round_time_ms"])
+            if len(shown) > 24:
+                shown = shown[:12] + shown[-12:]
+                lines.append(f"  ({len(trained)} trained experts; the 12 slowest and the 12 fastest)")
+            for e in shown:
+                lines.append(f"{e['name'][:27]:<28}{e['depth']:>6}{e['children']:>9}{e['params']:>8}{e['device_rounds']:>8}"
+                             f"{e['round_time_ms']:>10.1f}{_pct(e['round_time_ms'], ft):>8}{e['round_mem_mb']:>9.1f}"
+                             f"{_pct(e['round_mem_mb'], fm):>8}{e['peak_rss_mb']:>9.1f}")
         if h["experts_never_trained"]:
             lines.append(f"  experts never trained in this run: {len(h['experts_never_trained'])} "
                          f"(e.g. {', '.join(h['experts_never_trained'][:3])}) — more rounds needed")
