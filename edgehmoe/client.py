@@ -214,6 +214,10 @@ class DeviceClient:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         warm_up()  # torch's one-time start-up cost is not part of any round
+        import gc
+
+        gc.collect()
+        gc.freeze()  # long-lived start-up objects: keeps the per-round gc.collect() cheap
         self.connect()
         try:
             while not self.stop.is_set():

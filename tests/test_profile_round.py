@@ -1,0 +1,207 @@
+"""Tests of tools/profile_round.py: a real (tiny) profile on synthetic data, plus its helpers.
+
+The smoke run uses ``synthetic:coarse=4,fine=5,per_class=20``: 20 classes under 4
+superclasses, so 5 experts (root: 4-way; super0..super3: 5-way each). With 100 samples per
+client drawn class-balanced, every class has 5 samples: the flat model and the root train on
+100, each superclass expert on 25.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "synthetic:coarse=4,fine=5,per_class=20"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("profile_round", ROOT / "tools" / "profile_round.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["profile_round"] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pr = _load_tool()
+
+FLAT_KEYS = {"round_time_ms", "round_mem_mb", "peak_rss_mb", "params"}
+EXPERT_KEYS = {"node", "name", "depth", "children", "samples", "round_time_ms", "round_mem_mb", "peak_rss_mb", "params"}
+TOP_KEYS = {
+    "dataset", "samples_per_client", "batch_size", "epochs", "threads", "repeats", "flat", "experts",
+    "hmoe_summary", "memory_limit", "machine", "info_f1", "first_round_overhead",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One real profile run (fresh child processes) shared by the checks below (~30 s)."""
+    # Prepare
+    tmp = tmp_path_factory.mktemp("profile")
+    run = tmp / "runs" / "done"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"flat": {"info_f1": 0.5}, "hmoe": {"info_f1": 0.25, "experts": []}}))
+    out_json, out_png = tmp / "prof.json", tmp / "plots" / "prof.png"
+    argv = [
+        "--dataset", SPEC, "--samples-per-client", "100", "--repeats", "1", "--epochs", "1",
+        "--batch-size", "32", "--threads", "1", "--run", str(run), "--json", str(out_json),
+        "--plot", str(out_png), "--memory-limit-mb", "50", "--limit-mechanism", "watchdog", "--quiet",
+    ]
+    # Execute
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = pr.main(argv)
+    return {"rc": rc, "stdout": buf.getvalue(), "json": out_json, "png": out_png}
+
+
+@pytest.fixture(scope="module")
+def tree():
+    from edgehmoe.datasets import load_dataset
+
+    return load_dataset(SPEC, split="train", limit_per_class=1).hierarchy
+
+
+def _numbers(d: dict, keys) -> list[float]:
+    return [d[k] for k in keys]
+
+
+@pytest.mark.slow
+def test_smoke_json_keys_and_positive_numbers(smoke, tree):
+    # Assert
+    assert smoke["rc"] == 0
+    res = json.loads(smoke["json"].read_text())
+    assert TOP_KEYS <= set(res)
+    assert FLAT_KEYS <= set(res["flat"])
+    assert len(res["experts"]) == len(tree.internal_nodes)
+    assert [e["node"] for e in res["experts"]] == tree.internal_nodes.tolist()
+    for e in [res["flat"], *res["experts"]]:
+        for v in _numbers(e, FLAT_KEYS):
+            assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, e
+        assert e["peak_rss_mb"] > e["round_mem_mb"] and e["round_cpu_ms"] > 0
+        for k in ("round_time_ms", "round_mem_mb", "peak_rss_mb"):
+            lo, hi = e[k + "_spread"]
+            assert lo <= e[k] <= hi
+    for e in res["experts"]:
+        assert EXPERT_KEYS <= set(e)
+        assert e["depth"] == tree.depths[e["node"]] and e["children"] == tree.num_children[e["node"]]
+        assert e["name"] == tree.names[e["node"]]
+    assert res["samples_per_client"] == 100 and res["repeats"] == 1 and res["threads"] == 1
+    assert res["first_round_overhead"]["round_time_ms"] > 0
+    assert res["machine"]["cpu_count"] >= 1 and res["machine"]["torch"]
+
+
+@pytest.mark.slow
+def test_smoke_samples_follow_the_tree(smoke, tree):
+    res = json.loads(smoke["json"].read_text())
+    by_node = {e["node"]: e for e in res["experts"]}
+    assert res["flat"]["samples"] == 100
+    assert by_node[0]["samples"] == 100  # the root expert sees every sample
+    kids = [int(c) for c in tree.children(0) if not tree.is_leaf[c]]
+    assert sum(by_node[c]["samples"] for c in kids) <= by_node[0]["samples"]
+    # Balanced draw: 5 per class, so an expert gets 5 x (leaves under it).
+    for node, e in by_node.items():
+        assert e["samples"] == 5 * tree.leaves_under[node]
+
+
+@pytest.mark.slow
+def test_smoke_params_match_the_specs(smoke, tree):
+    from edgehmoe.experts import count_params, expert_specs, flat_spec
+
+    res = json.loads(smoke["json"].read_text())
+    specs = expert_specs(tree, input_size=32, flat_width=32)
+    for e in res["experts"]:
+        assert e["params"] == count_params(specs[e["node"]])
+        assert e["width"] == specs[e["node"]].width
+    assert res["flat"]["params"] == count_params(flat_spec(tree, input_size=32, width=32))
+    assert res["flat"]["params"] > max(e["params"] for e in res["experts"])
+
+
+@pytest.mark.slow
+def test_smoke_summary_table_and_info_f1(smoke):
+    res = json.loads(smoke["json"].read_text())
+    hs, flat = res["hmoe_summary"], res["flat"]
+    assert set(hs) == {"max", "min", "median", "root"}
+    times = [e["round_time_ms"] for e in res["experts"]]
+    assert hs["max"]["round_time_ms"] == max(times) and hs["min"]["round_time_ms"] == min(times)
+    assert hs["min"]["round_mem_mb"] <= hs["median"]["round_mem_mb"] <= hs["max"]["round_mem_mb"]
+    assert hs["root"]["time_node"] == 0
+    for row in hs.values():
+        assert row["round_time_pct_of_flat"] == pytest.approx(100 * row["round_time_ms"] / flat["round_time_ms"])
+        assert row["round_mem_pct_of_flat"] == pytest.approx(100 * row["round_mem_mb"] / flat["round_mem_mb"])
+    assert res["info_f1"]["flat"] == 0.5 and res["info_f1"]["hmoe"] == 0.25
+    out = smoke["stdout"]
+    for label in ("Flat Softmax", "HMoE max", "HMoE min", "HMoE median", "HMoE root", "0.500", "0.250"):
+        assert label in out
+    for name in ("root", "super0", "super3"):
+        assert name in out  # per-expert table
+
+
+@pytest.mark.slow
+def test_smoke_memory_limit_reports_flat_as_not_fitting(smoke):
+    res = json.loads(smoke["json"].read_text())
+    lim = res["memory_limit"]
+    assert lim["limit_mb"] == 50 and lim["mechanism"] == "watchdog" and lim["description"]
+    assert set(lim["results"]) == {"flat", *(str(e["node"]) for e in res["experts"])}
+    # 50 MB is below what python + torch alone occupy: nothing trains, and the run still completes.
+    assert lim["results"]["flat"]["status"] == "killed"
+    assert lim["results"]["flat"]["killed_at_mb"] > 50
+    assert all(r["status"] in ("fits", "killed", "error") for r in lim["results"].values())
+    assert "killed at ~" in smoke["stdout"]
+
+
+@pytest.mark.slow
+def test_smoke_plot_is_a_png(smoke):
+    data = smoke["png"].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_watchdog_kills_a_greedy_child_and_lets_a_small_one_finish():
+    # Prepare
+    mech = pr.limit_mechanism("watchdog")
+    greedy = [sys.executable, "-c", "import time; b = b'x' * (400 * 2**20); time.sleep(5)"]
+    small = [sys.executable, "-c", f"print({pr._RESULT_TAG!r} + '{{\"ok\": true}}')"]
+    # Execute
+    killed = pr.run_child(greedy, limit_mb=200, mechanism=mech, timeout_s=60)
+    fine = pr.run_child(small, limit_mb=200, mechanism=mech, timeout_s=60)
+    # Assert
+    assert killed.killed and 200 < killed.killed_at_mb < 450 and killed.result is None
+    assert not fine.killed and fine.returncode == 0 and fine.result == {"ok": True}
+
+
+def test_limit_mechanism_auto_is_available():
+    assert pr.limit_mechanism("auto").kind in ("cgroup", "systemd", "watchdog")
+
+
+def test_client_sample_is_balanced_seeded_and_bounded():
+    y = np.repeat(np.arange(4), [10, 10, 10, 2])  # class 3 has only 2 samples
+    a = pr.client_sample(y, 4, 14, seed=1)
+    assert np.array_equal(a, pr.client_sample(y, 4, 14, seed=1))
+    counts = np.bincount(y[a], minlength=4)
+    assert counts[3] == 2 and set(counts[:3].tolist()) <= {3, 4} and counts.sum() == 13
+    assert len(np.unique(a)) == len(a)
+
+
+def test_read_info_f1_missing_and_partial(tmp_path):
+    assert pr.read_info_f1(None)["flat"] is None
+    r = pr.read_info_f1(tmp_path / "nope")
+    assert r["flat"] is None and "not found" in r["note"]
+    (tmp_path / "summary.json").write_text(json.dumps({"flat": {"info_f1": 0.54}, "hmoe": {}}))
+    r = pr.read_info_f1(tmp_path)
+    assert r["flat"] == 0.54 and r["hmoe"] is None and "hmoe.info_f1" in r["note"]
+
+
+@pytest.mark.parametrize("spec", ["nope:x", "cifar100:/does/not/exist", "synthetic:foo=1"])
+def test_bad_dataset_is_one_line_error(spec, capsys):
+    rc = pr.main(["--dataset", spec, "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
