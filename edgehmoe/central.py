@@ -64,7 +64,7 @@ def fit_hmoe(
         torch.manual_seed(cfg.seed + node)
         model = build_model(spec)
         ecfg = replace(cfg, seed=cfg.seed + node, epochs=epochs_for(node, len(keep)) if epochs_for else cfg.epochs)
-        loss, steps = train_epochs(model, x[keep], targets, ecfg, np.asarray(md.mean), np.asarray(md.std))
+        loss, steps = train_epochs(model, x, targets, ecfg, np.asarray(md.mean), np.asarray(md.std), index=keep)
         params = count_params(model)
         md.write_expert(node, spec.to_dict(), state_arrays(model), params)
         stats[node] = {"name": tree.names[node], "samples": int(len(keep)), "loss": loss, "steps": steps, "params": params}

@@ -114,12 +114,18 @@ def train_epochs(
     mean: np.ndarray,
     std: np.ndarray,
     on_step: Callable[[int, int, float], None] | None = None,
+    index: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place on uint8 images ``x`` with integer ``targets``.
 
+    With ``index``, train on ``x[index]`` (``targets`` aligned with ``index``) without copying
+    those images: a device's samples under a node are gathered batch by batch, so the round
+    needs no second copy of its data.
+
     Returns ``(mean training loss over the last epoch's steps, steps taken)``.
     """
-    n = len(x)
+    index = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64)
+    n = len(index)
     if n == 0:
         raise ValueError("no training samples")
     if len(targets) != n:
@@ -143,7 +149,7 @@ def train_epochs(
             idx = perm[start : start + cfg.batch_size]
             if len(idx) < 2 and n >= 2:  # BatchNorm needs > 1 sample per batch
                 continue
-            xb = preprocess(x[idx], mean, std)
+            xb = preprocess(x[index[idx]], mean, std)
             if cfg.augment:
                 xb = augment(xb, gen)
             for g in opt.param_groups:
@@ -218,7 +224,7 @@ def local_round(
     keep, targets = relabel_samples(label_map, labels)
     if len(keep) == 0:
         raise ValueError("this device holds no samples under the task's node")
-    loss, steps = train_epochs(model, x[keep], targets, cfg, mean, std)
+    loss, steps = train_epochs(model, x, targets, cfg, mean, std, index=keep)
     return RoundOutput(weights=state_arrays(model), num_examples=int(len(keep)), loss=loss, steps=steps)
 
 

@@ -121,3 +121,17 @@ def test_arch_spec_validation():
         ArchSpec.from_dict({"width": 4, "num_outputs": 2, "depth": 9})
     with pytest.raises(ValueError, match="at least 2 outputs"):
         ArchSpec(4, 1)
+
+
+def test_train_epochs_with_index_equals_training_on_the_subset():
+    x, y = toy_images(80)
+    keep = np.arange(0, 80, 2)
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=3)
+    torch.manual_seed(0)
+    a = build_model(ArchSpec(4, 2, input_size=16))
+    torch.manual_seed(0)
+    b = build_model(ArchSpec(4, 2, input_size=16))
+    train_epochs(a, x[keep], y[keep], cfg, MEAN, STD)
+    train_epochs(b, x, y[keep], cfg, MEAN, STD, index=keep)
+    for k, v in state_arrays(a).items():
+        np.testing.assert_allclose(v, state_arrays(b)[k], rtol=1e-6, atol=1e-6)
