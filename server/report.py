@@ -97,15 +97,23 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
         }
     if flat is not None and hmoe is not None:
         s["heldout_split"] = hmoe.get("heldout_split", flat.get("heldout_split"))
-        # Equal total client compute: flat's validation info-F1 at the evaluated round whose
-        # cumulative client time is closest to what the whole HMoE run spent.
+        # Equal total client compute: flat's validation info-F1 interpolated (linearly in
+        # cumulative client time, between its evaluated rounds; from 0 compute = no skill)
+        # at what the whole HMoE run spent. Extrapolation is not attempted.
         curve = s["flat"]["val_curve"]
         if curve:
             target = s["hmoe"]["total_client_ms"]
-            r, cum, f1 = min(curve, key=lambda c: abs(c[1] - target))
-            s["equal_compute"] = {"hmoe_total_client_ms": target, "flat_round": r, "flat_total_client_ms": cum,
-                                  "flat_val_info_f1": f1,
-                                  "hmoe_val_info_f1": s["hmoe"]["val_curve"][-1][2] if s["hmoe"]["val_curve"] else None}
+            cums = [0.0] + [c[1] for c in curve]
+            f1s = [0.0] + [c[2] for c in curve]
+            r, cum, _ = min(curve, key=lambda c: abs(c[1] - target))
+            s["equal_compute"] = {
+                "hmoe_total_client_ms": target,
+                "flat_round": r,
+                "flat_total_client_ms": cum,
+                "flat_val_info_f1": float(np.interp(target, cums, f1s)) if target <= cums[-1] else None,
+                "flat_val_info_f1_nearest_round": next(c[2] for c in curve if c[0] == r),
+                "hmoe_val_info_f1": s["hmoe"]["val_curve"][-1][2] if s["hmoe"]["val_curve"] else None,
+            }
     return s
 
 
@@ -166,9 +174,11 @@ def format_table(s: dict) -> str:
                          f"(e.g. {', '.join(h['experts_never_trained'][:3])}) — more rounds needed")
     eq = s.get("equal_compute")
     if eq:
+        flat_f1 = (f"{eq['flat_val_info_f1']:.4f} (interpolated)" if eq["flat_val_info_f1"] is not None
+                   else f"n/a (flat spent less in all its rounds; {eq['flat_val_info_f1_nearest_round']:.4f} at its end)")
         lines.append(
             f"Equal client compute ({eq['hmoe_total_client_ms'] / 1000:.1f} s for HMoE): flat val info-F1 "
-            f"{eq['flat_val_info_f1']:.4f} at round {eq['flat_round']} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')}"
+            f"{flat_f1} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')} (validation split)"
         )
     return "\n".join(lines)
 

@@ -46,3 +46,23 @@ def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
     # a second run into the same folder is refused without --force
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_equal_compute_interpolates_flat_curve():
+    from server.report import build_summary
+    from tree9 import tree9
+
+    def rows(costs, evals):
+        return [{"round": i, "per_device": [{"node": n, "round_time_ms": c, "round_mem_mb": 1.0, "peak_rss_mb": 2.0,
+                                            "num_examples": 5}], **({"val_info_f1": evals[i]} if i in evals else {})}
+                for i, (n, c) in enumerate(costs)]
+
+    metrics = {"info_f1": 0.5, "top1": 0.5}
+    flat = {"rows": rows([(-1, 100.0)] * 4, {1: 0.2, 3: 0.6}), "metrics": metrics, "params": 10}
+    hmoe = {"rows": rows([(0, 50.0), (1, 50.0), (2, 50.0), (6, 50.0), (0, 50.0)], {4: 0.3}), "metrics": metrics,
+            "params": {0: 1, 1: 1, 2: 1, 6: 1}, "tree": tree9()}
+    s = build_summary("x", 4, 1, hmoe, flat)
+    # HMoE spent 250 ms; flat reached 0.2 at 200 ms and 0.6 at 400 ms -> 0.3 at 250 ms
+    assert s["equal_compute"]["flat_val_info_f1"] == pytest.approx(0.3)
+    assert s["equal_compute"]["hmoe_val_info_f1"] == pytest.approx(0.3)
+    assert s["flat"]["round_time_ms"] == 100.0 and s["hmoe"]["experts"][0]["round_time_ms"] == 50.0
