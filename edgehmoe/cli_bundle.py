@@ -342,7 +342,7 @@ def register(subparsers) -> None:
                    help="stop at an internal node when the path probability falls below TAU")
     p.add_argument("--model", choices=["hmoe", "flat"], default="hmoe")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("--max-sessions", type=int, default=8, help="experts kept loaded at once (default 8; 0 = all)")
+    p.add_argument("--max-sessions", type=int, default=32, help="experts kept loaded at once (default 32; 0 = all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -366,7 +366,7 @@ class BundlePredictor(_BundleBase):
         self,
         bundle_dir: str | Path,
         *,
-        max_sessions: int = 8,
+        max_sessions: int = 32,
         threads: int = 1,
         verify: bool = True,
         session_options=None,

@@ -268,7 +268,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--repeats", type=int, default=200, help="timed calls per batch size (default 200)")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--max-sessions", type=int, default=8, help="chain: expert sessions kept alive (default 8; 0 = all)")
+    p.add_argument("--max-sessions", type=int, default=32, help="chain: expert sessions kept alive (default 32; 0 = all)")
     p.add_argument("--models", default="chain,flat", help="which to measure: chain, flat (default both)")
     p.add_argument("--dataset", metavar="SPEC", help="real images instead of random ones (e.g. cifar100:PATH)")
     p.add_argument("--split", default="train")
