@@ -250,6 +250,22 @@ def _reason_failed(reason: Any) -> bool:
 OnMessage = Callable[[str, bytes], None]
 
 
+class _QuietDisconnectRace(logging.Filter):
+    """paho's network loop logs "Client is not connected" at ERROR when it wakes up after a
+    disconnect (ours on close, or a dropped link it is about to re-establish). It is benign
+    and paho retries by itself; report it at DEBUG so it does not alarm users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logger.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PAHO_LOGGER = logging.getLogger(__name__ + ".paho")
+_PAHO_LOGGER.addFilter(_QuietDisconnectRace())
+
+
 class MqttConnection:
     """A paho client that reconnects by itself and keeps its subscriptions.
 
@@ -331,7 +347,7 @@ class MqttConnection:
                 protocol=_paho.MQTTv311,
                 clean_session=self._session_expiry_s <= 0,
             )
-        client.enable_logger(logging.getLogger(__name__))
+        client.enable_logger(_PAHO_LOGGER)
         client.reconnect_delay_set(min_delay=reconnect_min_delay, max_delay=reconnect_max_delay)
         client.max_queued_messages_set(max_queued_messages)
         self._username = username
