@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,19 +349,16 @@ _SHARD_LAYOUT = "x uint8 (n,H,W,3), label int64 (n,), class_names unicode (C,), 
 
 def load_shard(path: str | Path) -> Shard:
     """Read and validate a shard written by :func:`write_shards` (never unpickles)."""
+    from .datasets import DatasetError
+    from .datasets.npz import read_npz_arrays
+
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"shard {path} does not exist")
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ShardError(f"{path} is not an .npz archive; expected {_SHARD_LAYOUT}")
-        with z:
-            arrays = {k: z[k] for k in z.files}
-    except ShardError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ShardError(f"cannot read shard {path} ({type(e).__name__}: {e}); rewrite it with write_shards") from None
+        arrays = read_npz_arrays(path)
+    except DatasetError as e:
+        raise ShardError(f"cannot read shard {path}: {e}; a shard holds {_SHARD_LAYOUT} (rewrite it with write_shards)") from None
     missing = [k for k in ("x", "label", "class_names", "meta") if k not in arrays]
     if missing:
         raise ShardError(f"shard {path} lacks array(s) {', '.join(missing)}; expected {_SHARD_LAYOUT}")
