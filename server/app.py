@@ -35,6 +35,7 @@ from edgehmoe import __version__, wire
 from edgehmoe.aggregation import InvalidUpdate, fedavg, validate_update
 from edgehmoe.checkpoint import ModelDir, NetworkEntry, atomic_write_bytes, atomic_write_json, contiguous_arrays
 from edgehmoe.hierarchy import Hierarchy
+from edgehmoe.mqtt import MqttError
 
 from .config import RunConfig, dump_config
 from .scheduler import FLAT, DeviceView, Scheduler
@@ -426,8 +427,13 @@ class AggregationServer:
                 preprocess={"mean": self.mean, "std": self.std},
             )
             self.pending[task_id] = Pending(task_id, dev_id, node)
-            self.conn.publish(self.topics.task(dev_id), wire.encode(task), qos=1,
-                              expiry_s=cfg.schedule.round_timeout_s)
+            try:
+                self.conn.publish(self.topics.task(dev_id), wire.encode(task), qos=1,
+                                  expiry_s=cfg.schedule.round_timeout_s)
+            except (TimeoutError, MqttError) as e:
+                # Not acknowledged (broker away): paho keeps it queued and resends it after the
+                # reconnect; the device's answer is awaited until the deadline as usual.
+                logger.warning("round %d: task for %s not acknowledged yet (%s)", rnd, dev_id, e)
         logger.info("round %d/%d: %s on %d device(s), lr %.4f", rnd + 1, cfg.schedule.rounds,
                     ", ".join(sorted({self._node_name(n) for n in plan.values()})), len(plan), lr)
         while not self.stop.is_set():
