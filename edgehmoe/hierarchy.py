@@ -558,7 +558,11 @@ def wordnet_hierarchy(
         if len(wnid) < 2 or wnid[0] != "n" or not wnid[1:].isdigit():
             raise HierarchyError(f"{wnid!r} is not a WordNet noun id like 'n01443537'")
         try:
-            s = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
+            import warnings
+
+            with warnings.catch_warnings():  # nltk warns, then returns None: we raise instead
+                warnings.simplefilter("ignore", UserWarning)
+                s = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
         except Exception:  # nltk raises several types for offsets it cannot find
             s = None
         if s is None:
