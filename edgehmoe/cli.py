@@ -171,7 +171,8 @@ def cmd_evaluate(args) -> int:
         from .cli_bundle import evaluate_bundle
 
         m = evaluate_bundle(args.bundle, ds.x, ds.y, model="hmoe" if args.model == "auto" else args.model,
-                            beam=args.beam, threshold=args.threshold, threads=args.threads)
+                            beam=args.beam, threshold=args.threshold, threads=args.threads,
+                            class_names=list(ds.class_names))
     else:
         import torch
 

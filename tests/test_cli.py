@@ -104,3 +104,17 @@ def test_hierarchy_show_json(capsys):
 def test_console_script_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "edgehmoe" in r.stdout
+
+
+def test_bundle_evaluation_matches_model_dir_and_rejects_other_classes(fitted, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["-q", "export", "--model-dir", str(fitted), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    args = ["--dataset", TINY, "--split", "test", "--json"]
+    _, torch_out, _ = run_cli(["-q", "evaluate", "--model-dir", str(fitted), *args], capsys)
+    code, ort_out, _ = run_cli(["-q", "evaluate", "--bundle", str(bundle), *args], capsys)
+    assert code == 0
+    assert json.loads(ort_out)["info_f1"] == pytest.approx(json.loads(torch_out)["info_f1"])
+    other = "synthetic:coarse=2,fine=4,per_class=5,test_per_class=2,size=16"
+    code, _, err = run_cli(["-q", "evaluate", "--bundle", str(bundle), "--dataset", other], capsys)
+    assert code == 2 and "classes" in err
