@@ -54,15 +54,10 @@ def heldout_split(spec: str, val_fraction: float, seed: int) -> str:
 
 def _start_broker(out: Path, device_ids: list[str]):
     """Mosquitto with auth + ACL; returns (broker, {user: password_file})."""
-    from .broker import MosquittoBroker, find_mosquitto, start_local_broker
+    from .broker import MosquittoBroker
 
     cred_dir = out / "broker" / "credentials"
     cred_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        find_mosquitto()
-    except FileNotFoundError:
-        logger.warning("mosquitto not found; trying the embedded broker (anonymous, no ACL)")
-        return start_local_broker(), {}
     broker = MosquittoBroker(auth=True, run_dir=out / "broker")
     files = {}
     for user in ["edgehmoe-server", *device_ids]:
@@ -150,6 +145,12 @@ def simulate(
     from .app import AggregationServer
 
     out = Path(out)
+    if broker_url is None:
+        from .broker import find_mosquitto
+
+        # Before anything is written: no embedded broker (see docs/protocol.md, "Brokers").
+        find_mosquitto()
+        find_mosquitto("mosquitto_passwd")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty; pass --force to replace it, or choose another --out")
