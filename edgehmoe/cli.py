@@ -102,15 +102,10 @@ def cmd_partition(args) -> int:
     ds = load_data(args)
     part = make_partitioner(args.scheme, args.num_devices, args.seed)
     paths = write_shards(ds, part, args.out, overwrite=args.force)
-    counts = [int(n) for n in (len(p.label) for p in map(_load_shard, paths))]
+    # write_shards partitioned with `part`; its partitions give the sizes without re-reading shards
+    counts = [len(part.load_partition(i)) for i in range(len(paths))]
     print(f"wrote {len(paths)} shards to {args.out} (samples per device: min {min(counts)}, max {max(counts)})")
     return 0
-
-
-def _load_shard(path):
-    from .partition import load_shard
-
-    return load_shard(path)
 
 
 # ---------------------------------------------------------------------------- fit

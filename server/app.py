@@ -116,6 +116,7 @@ class AggregationServer:
         self.visits: dict[int, int] = {}
         self.history: list[dict] = []
         self.conn = None
+        self.scheduler: Scheduler | None = None  # set by prepare()
         self.deadline = 0.0
 
     # ------------------------------------------------------------------ set-up
@@ -229,7 +230,7 @@ class AggregationServer:
             "mean": self.mean,
             "std": self.std,
             "files": {str(k): v for k, v in self.files.items()},
-            "credits": {str(k): v for k, v in (self.scheduler.credits if hasattr(self, "scheduler") else self.credits).items()},
+            "credits": {str(k): v for k, v in (self.scheduler.credits if self.scheduler else self.credits).items()},
             "visits": {str(k): v for k, v in self.visits.items()},
             "devices": [d.to_json() for d in sorted(self.devices.values(), key=lambda d: d.device_id)],
             "software_version": __version__,
@@ -283,7 +284,7 @@ class AggregationServer:
         except wire.WireError as e:
             logger.warning("dropped bad %s payload from %s (%d bytes): %s", kind, dev_id, len(payload), e)
             if kind == "result":
-                self._mark_invalid(dev_id, str(e))
+                self._mark_invalid(dev_id)
             return
         sender = getattr(msg, "device_id", dev_id)
         if sender != dev_id:
@@ -333,7 +334,7 @@ class AggregationServer:
                     p.answered, p.outcome = True, s.state
                     logger.warning("device %s %s round %d: %s", s.device_id, s.state, s.round, s.detail)
 
-    def _mark_invalid(self, dev_id: str, reason: str) -> None:
+    def _mark_invalid(self, dev_id: str) -> None:
         for p in self.pending.values():
             if p.device_id == dev_id and not p.answered:
                 p.answered, p.outcome = True, "invalid"
