@@ -1,4 +1,4 @@
-"""``edgehmoe-server`` (also ``python -m server``): the aggregation server's command line.
+"""``edgehmoe-server`` (also ``python -m edgehmoe.server``): the aggregation server's command line.
 
 ::
 
@@ -19,20 +19,30 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
+from edgehmoe.cli.common import (
+    EXIT_INTERRUPTED,
+    add_debug_arg,
+    configure_logging,
+    run_main,
+)
+
 __all__ = ["main", "get_args_parser"]
 
-logger = logging.getLogger("server")
+logger = logging.getLogger("edgehmoe.server")
 
 
 def cmd_run(args) -> int:
-    from .app import AggregationServer
-    from .config import load_config
+    from edgehmoe.server.app import AggregationServer
+    from edgehmoe.server.config import load_config
 
     cfg = load_config(args.config)
     stop = threading.Event()
+    interrupted = []
 
     def on_signal(signum, frame):
         logger.warning("signal %d: stopping after the current round (run again with --resume)", signum)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -46,12 +56,14 @@ def cmd_run(args) -> int:
     server = AggregationServer(cfg, resume=args.resume, stop=stop, progress=progress)
     rows = server.run()
     print(f"run {cfg.run.name}: {server.round}/{cfg.schedule.rounds} rounds complete in {cfg.out_dir}")
+    if interrupted:
+        return EXIT_INTERRUPTED
     return 0 if server.round >= cfg.schedule.rounds or stop.is_set() else 1 if not rows else 0
 
 
 def cmd_simulate(args) -> int:
-    from .config import RunConfig, config_from_dict, load_config
-    from .simulate import simulate
+    from edgehmoe.server.config import RunConfig, config_from_dict, load_config
+    from edgehmoe.server.simulate import simulate
 
     base = load_config(args.config) if args.config else RunConfig()
     d = {f.name: dict(vars(getattr(base, f.name))) for f in fields(RunConfig)}
@@ -75,7 +87,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_credentials_add(args) -> int:
-    from .broker import create_device_credentials
+    from edgehmoe.server.broker import create_device_credentials
 
     path = create_device_credentials(args.password_file, args.device_id, args.out_dir)
     print(f"added {args.device_id} to {args.password_file}; its password is in {path} "
@@ -100,6 +112,7 @@ def cmd_broker_config(args) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgehmoe-server", description="edgehmoe aggregation server")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    add_debug_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run (or resume) a federated training job from a TOML config")
@@ -155,18 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(1 if args.verbose > 1 else 0 if args.verbose else -1)
     if args.command != "simulate" or args.verbose:
         logging.getLogger().setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, TimeoutError, ConnectionError) as e:
-        print(f"edgehmoe-server: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgehmoe-server: interrupted", file=sys.stderr)
-        return 130
+    return run_main("edgehmoe-server", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ One round (see docs/design.md):
 
 1. pick devices and experts (:mod:`server.scheduler`) among the devices that announced
    themselves (``hello``) and are not offline (status / last will);
-2. publish a :class:`~edgehmoe.wire.TrainTask` to each (QoS 1, with a deadline);
-3. collect :class:`~edgehmoe.wire.TrainResult` messages until every asked device answered,
+2. publish a :class:`~edgehmoe.fl.wire.TrainTask` to each (QoS 1, with a deadline);
+3. collect :class:`~edgehmoe.fl.wire.TrainResult` messages until every asked device answered,
    refused or went offline, or the deadline passed (late results are dropped with a log
    line); every result is decoded and validated before use, a bad one is logged and skipped;
-4. FedAvg per expert (:func:`edgehmoe.aggregation.fedavg`, weighted by ``num_examples``);
+4. FedAvg per expert (:func:`edgehmoe.fl.aggregation.fedavg`, weighted by ``num_examples``);
 5. commit: new weights go to new files ``experts/<node>.r<round>.safetensors``, a row is
    appended to ``metrics.jsonl``, then ``state.json`` is replaced atomically — the commit
    point — and ``model.json`` is rewritten. A crash at any moment leaves the last committed
@@ -30,15 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from edgehmoe.server.config import RunConfig, dump_config
+from edgehmoe.server.scheduler import FLAT, DeviceView, Scheduler
 
-from edgehmoe import __version__, wire
-from edgehmoe.aggregation import InvalidUpdate, fedavg, validate_update
-from edgehmoe.checkpoint import ModelDir, NetworkEntry, atomic_write_bytes, atomic_write_json, contiguous_arrays
-from edgehmoe.hierarchy import Hierarchy
-from edgehmoe.mqtt import MqttError
-
-from .config import RunConfig, dump_config
-from .scheduler import FLAT, DeviceView, Scheduler
+from edgehmoe import __version__
+from edgehmoe.core.checkpoint import (
+    ModelDir,
+    NetworkEntry,
+    atomic_write_bytes,
+    atomic_write_json,
+    contiguous_arrays,
+)
+from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.errors import EdgeHmoeError, RunError
+from edgehmoe.fl import wire
+from edgehmoe.fl.aggregation import InvalidUpdate, fedavg, validate_update
+from edgehmoe.fl.mqtt import MqttError
 
 __all__ = ["AggregationServer", "RunDirError"]
 
@@ -47,7 +54,7 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-class RunDirError(ValueError):
+class RunDirError(EdgeHmoeError, ValueError):
     """The run directory exists without --resume, or cannot be resumed."""
 
 
@@ -121,7 +128,7 @@ class AggregationServer:
 
     # ------------------------------------------------------------------ set-up
     def _load_eval_data(self):
-        from edgehmoe.datasets import channel_stats, load_dataset
+        from edgehmoe.data import channel_stats, load_dataset
 
         c = self.cfg.run
         val = load_dataset(c.dataset, c.eval_split, val_fraction=c.val_fraction, seed=c.seed)
@@ -132,7 +139,7 @@ class AggregationServer:
         return val, mean, std
 
     def _specs(self, tree: Hierarchy, input_size: int) -> dict[int, dict]:
-        from edgehmoe.experts import expert_specs, flat_spec
+        from edgehmoe.model.arch import expert_specs, flat_spec
 
         m = self.cfg.model
         if m.kind == "flat":
@@ -143,8 +150,12 @@ class AggregationServer:
 
     def prepare(self) -> None:
         """Create or resume the run directory and load/initialise all weights."""
-        from edgehmoe.experts import build_model, count_params, estimate_train_memory_mb
-        from edgehmoe.training import state_arrays
+        from edgehmoe.model.arch import (
+            build_model,
+            count_params,
+            estimate_train_memory_mb,
+        )
+        from edgehmoe.model.training import state_arrays
 
         state_path = self.out / "state.json"
         if state_path.exists() and not self.resume:
@@ -254,7 +265,7 @@ class AggregationServer:
 
     # ------------------------------------------------------------------ MQTT
     def connect(self) -> None:
-        from edgehmoe.mqtt import MqttConnection, Topics
+        from edgehmoe.fl.mqtt import MqttConnection, Topics
 
         b = self.cfg.broker
         self.topics = Topics(self.cfg.run.name)
@@ -396,7 +407,7 @@ class AggregationServer:
                 return
         online = sum(d.online for d in self.devices.values())
         if online < need:
-            raise TimeoutError(
+            raise RunError(
                 f"only {online} of the {need} devices needed (schedule.min_devices) announced themselves within "
                 f"{self.cfg.schedule.wait_for_devices_s:.0f} s; start more clients or lower min_devices"
             )
@@ -506,7 +517,7 @@ class AggregationServer:
 
     def evaluate(self, x=None, y=None) -> dict:
         """Metrics of the current weights on the validation split (or given data)."""
-        from edgehmoe.hmoe import evaluate_models, load_models
+        from edgehmoe.model.inference import evaluate_models, load_models
 
         x = self.val.x if x is None else x
         y = self.val.y if y is None else y
@@ -525,7 +536,7 @@ class AggregationServer:
                 if row is None:
                     failures += 1
                     if failures > self.cfg.schedule.retries + 2:
-                        raise RuntimeError(f"round {self.round} failed {failures} times; see the log above")
+                        raise RunError(f"round {self.round} failed {failures} times; see the log above")
                     self._pump(1.0)
                     continue
                 failures = 0

@@ -25,7 +25,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from edgehmoe.wire import MAX_PAYLOAD_BYTES, WireError, check_id
+from edgehmoe.errors import RunError, UsageError
+from edgehmoe.fl.wire import MAX_PAYLOAD_BYTES, WireError, check_id
 
 __all__ = [
     "SERVER_USER",
@@ -59,6 +60,10 @@ _MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024
 _EXTRA_PATHS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin")
 
 
+
+class BrokerError(RunError):
+    """Mosquitto could not be started, reloaded or configured (see its log file)."""
+
 def find_mosquitto(name: str = "mosquitto") -> str:
     """Path of the ``mosquitto`` (or ``mosquitto_passwd``) executable.
 
@@ -84,7 +89,7 @@ def render_acl(server_user: str = SERVER_USER) -> str:
     text = (TEMPLATE_DIR / "acl").read_text(encoding="utf-8")
     line = f"user {SERVER_USER}\n"
     if line not in text:  # pragma: no cover - template edited inconsistently
-        raise RuntimeError(f"ACL template {TEMPLATE_DIR / 'acl'} has no '{line.strip()}' line")
+        raise BrokerError(f"ACL template {TEMPLATE_DIR / 'acl'} has no '{line.strip()}' line")
     return text.replace(line, f"user {server_user}\n")
 
 
@@ -92,7 +97,7 @@ def _check_user(name: str) -> str:
     try:
         return check_id(name, "broker user name")
     except WireError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
 
 
 def add_password(password_file: Union[str, Path], user: str, password: str) -> None:
@@ -104,7 +109,7 @@ def add_password(password_file: Union[str, Path], user: str, password: str) -> N
     """
     _check_user(user)
     if not password or "\n" in password:
-        raise ValueError("password must be non-empty and single-line")
+        raise UsageError("password must be non-empty and single-line")
     path = Path(password_file)
     tool = find_mosquitto("mosquitto_passwd")
     args = [tool, "-b", str(path), user, password]
@@ -113,7 +118,7 @@ def add_password(password_file: Union[str, Path], user: str, password: str) -> N
         args.insert(1, "-c")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise BrokerError(
             f"mosquitto_passwd failed for user {user!r} in {path}: {(proc.stderr or proc.stdout).strip()}"
         )
     os.chmod(path, 0o600)
@@ -136,9 +141,9 @@ def create_device_credentials(
     try:
         check_id(device_id, "device id")
     except WireError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
     if device_id == server_user:
-        raise ValueError(f"device id {device_id!r} is the server's user name; pick another id")
+        raise UsageError(f"device id {device_id!r} is the server's user name; pick another id")
     password = secrets.token_urlsafe(nbytes)
     add_password(password_file, device_id, password)
     out = Path(out_dir)
@@ -209,7 +214,7 @@ class MosquittoBroker:
         self.port: Optional[int] = port
         self.server_user = _check_user(server_user)
         if (certfile is None) != (keyfile is None):
-            raise ValueError("give both certfile and keyfile for TLS, or neither")
+            raise UsageError("give both certfile and keyfile for TLS, or neither")
         self.certfile = Path(certfile) if certfile else None
         self.keyfile = Path(keyfile) if keyfile else None
         self.verbose = verbose
@@ -233,7 +238,7 @@ class MosquittoBroker:
     def url(self) -> str:
         """``mqtt://host:port`` (``mqtts://`` with TLS) of the running broker."""
         if self.port is None:
-            raise RuntimeError("broker not started yet")
+            raise BrokerError("broker not started yet")
         return f"{'mqtts' if self.certfile else 'mqtt'}://{self.host}:{self.port}"
 
     @property
@@ -253,7 +258,7 @@ class MosquittoBroker:
     def add_user(self, name: str, password: str) -> None:
         """Add or update a broker user; if the broker runs, reload it (SIGHUP) and wait for that."""
         if not self.auth:
-            raise ValueError("this broker runs without authentication (auth=False); users have no effect")
+            raise UsageError("this broker runs without authentication (auth=False); users have no effect")
         with self._lock:
             add_password(self.password_file, name, password)
         if self.running:
@@ -262,7 +267,7 @@ class MosquittoBroker:
     def reload(self, timeout: float = 5.0) -> None:
         """Make Mosquitto re-read its password and ACL files (SIGHUP) and wait until it has."""
         if not self.running:
-            raise RuntimeError("broker is not running")
+            raise BrokerError("broker is not running")
         before = self._count_in_log("Reloading config")
         assert self._proc is not None
         self._proc.send_signal(signal.SIGHUP)
@@ -271,7 +276,7 @@ class MosquittoBroker:
         # new socket: a client connecting after we saw the line meets the new configuration.
         while self._count_in_log("Reloading config") <= before:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not log a reload within {timeout} s (see {self.log_path})")
+                raise BrokerError(f"mosquitto did not log a reload within {timeout} s (see {self.log_path})")
             time.sleep(0.02)
 
     def _count_in_log(self, needle: str) -> int:
@@ -336,7 +341,7 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
         """Start the broker and wait until its port accepts connections."""
         if self.running:
-            raise RuntimeError(f"broker already running on {self.url}")
+            raise BrokerError(f"broker already running on {self.url}")
         attempts = 3 if self._fixed_port is None and self.port is None else 1
         for attempt in range(attempts):
             if self.port is None or (attempt > 0 and self._fixed_port is None):
@@ -346,7 +351,7 @@ class MosquittoBroker:
                 return self
             except _AddressInUse:
                 if attempt + 1 == attempts:
-                    raise RuntimeError(f"port {self.port} stayed in use (see {self.log_path})") from None
+                    raise BrokerError(f"port {self.port} stayed in use (see {self.log_path})") from None
                 logger.debug("port %s was taken before mosquitto bound it; retrying", self.port)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -369,14 +374,14 @@ class MosquittoBroker:
                 self._proc = None
                 if "Address already in use" in text:
                     raise _AddressInUse()
-                raise RuntimeError(f"mosquitto exited at start-up:\n{text}")
+                raise BrokerError(f"mosquitto exited at start-up:\n{text}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     break
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self._tail()}")
+                    raise BrokerError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self._tail()}")
                 time.sleep(0.02)
         logger.info("mosquitto running on %s (pid %s, auth=%s, log %s)", self.url, self._proc.pid, self.auth,
                     self.log_path)
@@ -407,7 +412,7 @@ class MosquittoBroker:
         try:
             self._spawn(timeout)
         except _AddressInUse:
-            raise RuntimeError(f"port {self.port} was taken by another process; cannot restart on it") from None
+            raise BrokerError(f"port {self.port} was taken by another process; cannot restart on it") from None
 
     def close(self) -> None:
         """Stop, and remove the run directory if it was a temporary one."""

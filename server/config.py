@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgehmoe.errors import EdgeHmoeError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -34,7 +36,7 @@ else:  # pragma: no cover
 __all__ = ["ConfigError", "RunConfig", "load_config", "dump_config", "config_from_dict"]
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeHmoeError, ValueError):
     """The configuration file is malformed; the message names the key and the fix."""
 
 
@@ -110,7 +112,7 @@ class RunConfig:
         return Path(self.run.out or f"runs/{self.run.name}")
 
     def validate(self) -> "RunConfig":
-        from edgehmoe.wire import ID_PATTERN
+        from edgehmoe.fl.wire import ID_PATTERN
 
         def need(cond: bool, msg: str) -> None:
             if not cond:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgehmoe.hierarchy import Hierarchy
+from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.errors import UsageError
 
 __all__ = ["DeviceView", "Scheduler", "FLAT"]
 
@@ -52,11 +53,11 @@ class Scheduler:
         credits: dict[int, float] | None = None,
     ):
         if kind not in ("hmoe", "flat"):
-            raise ValueError(f"kind must be hmoe or flat, got {kind!r}")
+            raise UsageError(f"kind must be hmoe or flat, got {kind!r}")
         if mode not in ("paper", "parallel"):
-            raise ValueError(f"mode must be paper or parallel, got {mode!r}")
+            raise UsageError(f"mode must be paper or parallel, got {mode!r}")
         if weighting not in ("data", "sqrt", "uniform"):
-            raise ValueError(f"weighting must be data, sqrt or uniform, got {weighting!r}")
+            raise UsageError(f"weighting must be data, sqrt or uniform, got {weighting!r}")
         self.tree = tree
         self.kind = kind
         self.mode = mode

@@ -29,9 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-from .config import RunConfig
-from .report import build_summary, format_table, load_rows, plot_run
+from edgehmoe.server.config import RunConfig
+from edgehmoe.server.report import build_summary, format_table, load_rows, plot_run
 
 __all__ = ["simulate", "heldout_split"]
 
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def heldout_split(spec: str, val_fraction: float, seed: int) -> str:
     """``test`` when the dataset has a real test split, else ``val`` (held out of train)."""
-    from edgehmoe.datasets import DatasetError, load_dataset, parse_spec
+    from edgehmoe.data import DatasetError, load_dataset, parse_spec
 
     kind, arg = parse_spec(spec)
     if kind == "npz" or (kind == "cifar100" and str(arg).endswith(".npz")):
@@ -54,7 +53,7 @@ def heldout_split(spec: str, val_fraction: float, seed: int) -> str:
 
 def _start_broker(out: Path, device_ids: list[str]):
     """Mosquitto with auth + ACL; returns (broker, {user: password_file})."""
-    from .broker import MosquittoBroker
+    from edgehmoe.server.broker import MosquittoBroker
 
     cred_dir = out / "broker" / "credentials"
     cred_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +76,7 @@ def _launch_clients(url: str, run: str, shards: list[Path], device_ids: list[str
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for dev, shard in zip(device_ids, shards):
-        cmd = [sys.executable, "-m", "edgehmoe.client", "--broker", url, "--device-id", dev, "--data", str(shard),
+        cmd = [sys.executable, "-m", "edgehmoe.cli.client", "--broker", url, "--device-id", dev, "--data", str(shard),
                "--run", run, "--threads", str(threads), "--state-dir", str(out / "clients" / f"{dev}-{run}")]
         if budget_mb:
             cmd += ["--memory-budget-mb", str(budget_mb)]
@@ -105,7 +104,7 @@ def _stop_clients(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
 
 def _merge_model_dir(out: Path, phases: dict[str, Path]) -> None:
     """Make ``out`` a model directory holding both models (copies of the final weights)."""
-    from edgehmoe.checkpoint import read_model_dir
+    from edgehmoe.core.checkpoint import read_model_dir
 
     merged = None
     for kind, d in phases.items():
@@ -139,14 +138,14 @@ def simulate(
     force: bool = False,
     print_fn=print,
 ) -> dict:
-    from edgehmoe.datasets import load_dataset
-    from edgehmoe.partition import make_partitioner, write_shards
+    from edgehmoe.server.app import AggregationServer
 
-    from .app import AggregationServer
+    from edgehmoe.data import load_dataset
+    from edgehmoe.data.partition import make_partitioner, write_shards
 
     out = Path(out)
     if broker_url is None:
-        from .broker import find_mosquitto
+        from edgehmoe.server.broker import find_mosquitto
 
         # Before anything is written: no embedded broker (see docs/protocol.md, "Brokers").
         find_mosquitto()
@@ -206,7 +205,7 @@ def simulate(
     summary["wall_seconds"] = round(time.time() - t0, 1)
     if export:
         summary["bundle"] = _export(out)
-    from edgehmoe.checkpoint import atomic_write_json
+    from edgehmoe.core.checkpoint import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
     plots = plot_run(summary, out / "plots")
@@ -219,7 +218,7 @@ def simulate(
 def _evaluate_phases(phases: dict[str, Path], test, split: str) -> dict:
     import torch
 
-    from edgehmoe.hmoe import evaluate_models, load_models
+    from edgehmoe.model.inference import evaluate_models, load_models
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {}
@@ -239,7 +238,7 @@ def _evaluate_phases(phases: dict[str, Path], test, split: str) -> dict:
 
 def _export(out: Path) -> str | None:
     try:
-        from edgehmoe.onnx_bundle import export_bundle
+        from edgehmoe.export.bundle import export_bundle
     except ImportError as e:
         logger.warning("ONNX export skipped: %s", e)
         return None

@@ -67,11 +67,11 @@ class BrokerFixture:
 
     def client(self, user: Optional[str], client_id: Optional[str] = None, *, connect: bool = True,
                timeout: float = 10.0, **kwargs: Any) -> Any:
-        """An ``edgehmoe.mqtt.MqttConnection`` as ``user`` (closed at teardown).
+        """An ``edgehmoe.fl.mqtt.MqttConnection`` as ``user`` (closed at teardown).
 
         ``user=None`` connects anonymously.  Reconnect delays default to 1-2 s for fast tests.
         """
-        from edgehmoe.mqtt import MqttConnection
+        from edgehmoe.fl.mqtt import MqttConnection
 
         kwargs.setdefault("reconnect_min_delay", 1)
         kwargs.setdefault("reconnect_max_delay", 2)
@@ -101,7 +101,7 @@ def mosquitto(tmp_path: Path):
     """
     require_tool("mosquitto")
     require_tool("mosquitto_passwd")
-    from server.broker import MosquittoBroker
+    from edgehmoe.server.broker import MosquittoBroker
 
     passwords = {user: secrets.token_urlsafe(12) for user in ("edgehmoe-server", "dev-a", "dev-b")}
     broker = MosquittoBroker(run_dir=tmp_path / "broker", persistence=tmp_path / "broker-db", verbose=True)

@@ -1,11 +1,16 @@
-"""Tests of edgehmoe.aggregation on arrays small enough to check by hand."""
+"""Tests of edgehmoe.fl.aggregation on arrays small enough to check by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgehmoe.aggregation import InvalidUpdate, aggregate_per_expert, fedavg, validate_update
+from edgehmoe.fl.aggregation import (
+    InvalidUpdate,
+    aggregate_per_expert,
+    fedavg,
+    validate_update,
+)
 
 
 def test_fedavg_weighted_by_num_examples() -> None:

@@ -6,10 +6,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from edgehmoe.cli import main
+from edgehmoe.cli.main import main
 
 TINY = "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16,seed=1"
 
@@ -89,7 +88,7 @@ def test_partition_writes_shards(tmp_path, capsys):
     code, out, _ = run_cli(["-q", "partition", "--dataset", TINY, "--num-devices", "3", "--scheme", "dirichlet:0.5",
                             "--out", str(tmp_path / "shards")], capsys)
     assert code == 0 and "wrote 3 shards" in out
-    from edgehmoe.partition import load_shard
+    from edgehmoe.data.partition import load_shard
 
     total = sum(len(load_shard(tmp_path / "shards" / f"device_{i:03d}.npz").label) for i in range(3))
     assert total == 162  # 180 training images minus the 10 % validation hold-out

@@ -1,6 +1,11 @@
 import pytest
-
-from server.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from edgehmoe.server.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 
 
 def test_defaults_round_trip_through_toml(tmp_path):

@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from edgehmoe.central import fit_hmoe, new_model_dir
-from edgehmoe.checkpoint import read_model_dir
-from edgehmoe.cli_bundle import main as bundle_main
-from edgehmoe.datasets.base import channel_stats
-from edgehmoe.datasets.synthetic import make_synthetic
-from edgehmoe.experts import expert_specs
-from edgehmoe.extend import extend_model, plan_extension
-from edgehmoe.hierarchy import from_edge_list
-from edgehmoe.onnx_bundle import load_torch_models
-from edgehmoe.training import TrainConfig
+from edgehmoe.cli.bundle import main as bundle_main
+from edgehmoe.core.checkpoint import read_model_dir
+from edgehmoe.core.hierarchy import from_edge_list
+from edgehmoe.data.base import channel_stats
+from edgehmoe.data.synthetic import make_synthetic
+from edgehmoe.export.bundle import load_torch_models
+from edgehmoe.model.arch import expert_specs
+from edgehmoe.model.central import fit_hmoe, new_model_dir
+from edgehmoe.model.extend import extend_model, plan_extension
+from edgehmoe.model.training import TrainConfig
 
 SIZE = 16
 SPEC = f"synthetic:coarse=4,fine=3,per_class=120,test_per_class=40,size={SIZE}"
@@ -48,7 +48,7 @@ def old_model(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: a second thread mostly spins (and CI shares the cores)
     root = tmp_path_factory.mktemp("extend")
     # The dataset the CLI will load: same spec, train split (val_fraction 0.1 held out).
-    from edgehmoe.datasets import load_dataset
+    from edgehmoe.data import load_dataset
 
     train = load_dataset(SPEC, "train")
     test = load_dataset(SPEC, "test")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import signal
 import subprocess
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import require_tool
 
 pytestmark = pytest.mark.slow
@@ -31,9 +29,10 @@ DATASET = "synthetic:coarse=2,fine=3,per_class=40,test_per_class=10,size=16,seed
 class Federation:
     def __init__(self, tmp: Path, n_clients: int, extra_users=()):
         require_tool("mosquitto")
-        from edgehmoe.datasets import load_dataset
-        from edgehmoe.partition import IidPartitioner, write_shards
-        from server.broker import MosquittoBroker
+        from edgehmoe.server.broker import MosquittoBroker
+
+        from edgehmoe.data import load_dataset
+        from edgehmoe.data.partition import IidPartitioner, write_shards
 
         self.tmp = tmp
         self.devices = [f"dev-{i}" for i in range(n_clients)]
@@ -52,7 +51,7 @@ class Federation:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def config(self, run: str, kind: str = "hmoe", rounds: int = 3, **schedule):
-        from server.config import RunConfig
+        from edgehmoe.server.config import RunConfig
 
         cfg = RunConfig()
         cfg.run.name, cfg.run.out, cfg.run.dataset = run, str(self.tmp / run), DATASET
@@ -73,7 +72,7 @@ class Federation:
         for dev in devices or self.devices:
             shard = self.shards[self.devices.index(dev)]
             log = open(self.tmp / f"{dev}-{run}.log", "ab")
-            cmd = [sys.executable, "-m", "edgehmoe.client", "--broker", self.broker.url, "--device-id", dev,
+            cmd = [sys.executable, "-m", "edgehmoe.cli.client", "--broker", self.broker.url, "--device-id", dev,
                    "--data", str(shard), "--run", run, "--username", dev, "--password-file", str(self.pwfiles[dev]),
                    "--threads", "1", "--state-dir", str(self.tmp / "state" / dev), *extra_args]
             self.procs[dev] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -110,8 +109,9 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind, mode", [("hmoe", "paper"), ("hmoe", "parallel"), ("flat", "paper")])
 def test_federated_rounds_end_to_end(fed, kind, mode):
-    from edgehmoe.hmoe import evaluate_models, load_models
-    from server.app import AggregationServer
+    from edgehmoe.server.app import AggregationServer
+
+    from edgehmoe.model.inference import evaluate_models, load_models
 
     # Prepare
     f = fed(3)
@@ -133,7 +133,7 @@ def test_federated_rounds_end_to_end(fed, kind, mode):
     assert "val_info_f1" in rows[1] and "val_info_f1" in rows[3]
     hm, fm, md = load_models(out)
     assert md.kinds == [kind]
-    from edgehmoe.datasets import load_dataset
+    from edgehmoe.data import load_dataset
 
     test = load_dataset(DATASET, "test")
     m = evaluate_models(hm, fm, test.x, test.y)
@@ -142,8 +142,8 @@ def test_federated_rounds_end_to_end(fed, kind, mode):
 
 def _fake_device(url, user, password, run, class_counts, reply, stop: threading.Event, seen: list):
     """A device that announces itself and answers every task with ``reply(task)`` bytes."""
-    from edgehmoe import wire
-    from edgehmoe.mqtt import MqttConnection, Topics
+    from edgehmoe.fl import wire
+    from edgehmoe.fl.mqtt import MqttConnection, Topics
 
     topics = Topics(run)
     conn = MqttConnection.from_url(url, client_id=user, username=user, password=password)
@@ -167,9 +167,10 @@ def _fake_device(url, user, password, run, class_counts, reply, stop: threading.
 
 
 def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog):
-    from edgehmoe import wire
-    from edgehmoe.partition import load_shard
-    from server.app import AggregationServer
+    from edgehmoe.server.app import AggregationServer
+
+    from edgehmoe.data.partition import load_shard
+    from edgehmoe.fl import wire
 
     # Prepare: 2 real clients, a device sending garbage, one sending NaN weights, one never answering
     f = fed(2, extra_users=("evil-garbage", "evil-nan", "zombie"))
@@ -226,8 +227,9 @@ def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog)
 
 
 def test_client_killed_mid_round_round_completes_without_it(fed):
-    from edgehmoe import wire
-    from server.app import AggregationServer
+    from edgehmoe.server.app import AggregationServer
+
+    from edgehmoe.fl import wire
 
     # Prepare
     f = fed(3)
@@ -239,7 +241,7 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
     def killer():
         # kill the victim as soon as it reports "busy" in round 1 (it is training)
         watch = f.broker  # noqa: F841
-        from edgehmoe.mqtt import MqttConnection, Topics
+        from edgehmoe.fl.mqtt import MqttConnection, Topics
 
         conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-server",
                                        password=f.passwords["edgehmoe-server"])
@@ -274,7 +276,7 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
 
 
 def test_server_killed_and_resumed_loses_and_repeats_no_round(fed, tmp_path):
-    from server.config import dump_config
+    from edgehmoe.server.config import dump_config
 
     # Prepare
     f = fed(2)
@@ -313,8 +315,8 @@ def test_server_killed_and_resumed_loses_and_repeats_no_round(fed, tmp_path):
 
 
 def test_device_cannot_publish_on_another_devices_topic(fed):
-    from edgehmoe import wire
-    from edgehmoe.mqtt import MqttConnection, PublishRefused, Topics
+    from edgehmoe.fl import wire
+    from edgehmoe.fl.mqtt import MqttConnection, PublishRefused, Topics
 
     f = fed(2)
     topics = Topics("t-acl")
@@ -339,7 +341,7 @@ def test_device_cannot_publish_on_another_devices_topic(fed):
 
 
 def test_run_survives_a_broker_restart(fed):
-    from server.app import AggregationServer
+    from edgehmoe.server.app import AggregationServer
 
     # Prepare
     f = fed(2)
@@ -362,10 +364,10 @@ def test_run_survives_a_broker_restart(fed):
 
 
 def test_client_refuses_a_task_over_its_memory_budget(fed):
-    from edgehmoe import wire
-    from edgehmoe.experts import ArchSpec, build_model
-    from edgehmoe.mqtt import MqttConnection, Topics
-    from edgehmoe.training import state_arrays
+    from edgehmoe.fl import wire
+    from edgehmoe.fl.mqtt import MqttConnection, Topics
+    from edgehmoe.model.arch import ArchSpec, build_model
+    from edgehmoe.model.training import state_arrays
 
     # Prepare: a client with a 20 MB budget, and a task for a wide network
     f = fed(1)

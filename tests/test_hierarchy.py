@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
+from tree9 import tree9
 
-from edgehmoe.hierarchy import (
+from edgehmoe.core.hierarchy import (
     Hierarchy,
     HierarchyError,
-    cifar100_hierarchy,
     collapse_single_child_chains,
     from_edge_list,
     read_edge_csv,
 )
-from tree9 import tree9
+from edgehmoe.data.taxonomy import cifar100_hierarchy
 
 
 def test_structure_of_tree9():
@@ -119,7 +119,11 @@ def _wordnet_available() -> bool:
 def test_packaged_tiny_imagenet_tree_is_rebuilt_from_wordnet():
     import os
 
-    from edgehmoe.hierarchy import packaged_tree_path, tiny_imagenet_hierarchy, wordnet_hierarchy
+    from edgehmoe.data.taxonomy import (
+        packaged_tree_path,
+        tiny_imagenet_hierarchy,
+        wordnet_hierarchy,
+    )
 
     if not _wordnet_available():
         msg = "WordNet 3.0 missing: apt-get install -y wordnet-base"
@@ -138,7 +142,7 @@ def test_packaged_tiny_imagenet_tree_is_rebuilt_from_wordnet():
 
 
 def test_unknown_wnid_is_a_clear_error():
-    from edgehmoe.hierarchy import wordnet_hierarchy
+    from edgehmoe.data.taxonomy import wordnet_hierarchy
 
     if not _wordnet_available():
         pytest.skip("WordNet 3.0 missing")

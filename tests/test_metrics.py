@@ -2,9 +2,16 @@ import math
 
 import numpy as np
 import pytest
-
-from edgehmoe.metrics import correct_at_depth, evaluate, info_f1, info_precision, info_recall, information
 from tree9 import tree9
+
+from edgehmoe.core.metrics import (
+    correct_at_depth,
+    evaluate,
+    info_f1,
+    info_precision,
+    info_recall,
+    information,
+)
 
 # Information of a node: I(n) = log2(5 / leaves(n)); 5 leaves in all.
 I_ROOT = 0.0

@@ -1,4 +1,4 @@
-"""Tests of edgehmoe.mqtt and server.broker against a real Mosquitto (never a mock).
+"""Tests of edgehmoe.fl.mqtt and server.broker against a real Mosquitto (never a mock).
 
 Broker users (see conftest.py): ``edgehmoe-server`` (read/write edgehmoe/#), ``dev-a`` and
 ``dev-b`` (each may only write its own hello/status/result and read its own task).
@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import require_tool
-from edgehmoe.mqtt import (
+
+from edgehmoe.fl.mqtt import (
     MqttConnection,
     PublishRefused,
     Topics,
     Will,
     parse_broker_url,
 )
-from edgehmoe.wire import Status, decode, encode
+from edgehmoe.fl.wire import Status, decode, encode
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "run1"
@@ -189,8 +189,8 @@ def test_acl_with_mqtt311_drops_silently(mosquitto) -> None:
 _DEVICE_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    from edgehmoe.mqtt import MqttConnection, Topics, Will
-    from edgehmoe.wire import Status, encode
+    from edgehmoe.fl.mqtt import MqttConnection, Topics, Will
+    from edgehmoe.fl.wire import Status, encode
 
     url, dev = sys.argv[1], sys.argv[2]
     topics = Topics("run1")
@@ -325,7 +325,7 @@ def test_add_user_while_running_reloads_broker(mosquitto) -> None:
 
 
 def test_create_device_credentials(mosquitto, tmp_path: Path) -> None:
-    from server.broker import create_device_credentials
+    from edgehmoe.server.broker import create_device_credentials
 
     # Execute
     path = create_device_credentials(mosquitto.broker.password_file, "pi-07", tmp_path / "creds")
@@ -348,7 +348,10 @@ def test_create_device_credentials(mosquitto, tmp_path: Path) -> None:
 
 def test_create_device_credentials_creates_password_file(tmp_path: Path) -> None:
     require_tool("mosquitto_passwd")
-    from server.broker import _users_from_password_file, create_device_credentials
+    from edgehmoe.server.broker import (
+        _users_from_password_file,
+        create_device_credentials,
+    )
 
     passwd = tmp_path / "etc" / "edgehmoe.passwd"
     create_device_credentials(passwd, "pi-01", tmp_path / "out")
@@ -359,7 +362,7 @@ def test_create_device_credentials_creates_password_file(tmp_path: Path) -> None
 
 def test_anonymous_local_broker() -> None:
     require_tool("mosquitto")
-    from server.broker import start_local_broker
+    from edgehmoe.server.broker import start_local_broker
 
     with start_local_broker() as broker:
         assert broker.url.startswith("mqtt://127.0.0.1:")
@@ -390,7 +393,7 @@ def test_on_message_callback_instead_of_queue(mosquitto) -> None:
 
 
 def test_shipped_acl_template_is_what_the_broker_uses() -> None:
-    from server.broker import TEMPLATE_DIR, render_acl
+    from edgehmoe.server.broker import TEMPLATE_DIR, render_acl
 
     assert render_acl() == (TEMPLATE_DIR / "acl").read_text()
     custom = render_acl("fl-server")
@@ -401,7 +404,7 @@ def test_shipped_acl_template_is_what_the_broker_uses() -> None:
 def test_production_config_template_starts(tmp_path: Path) -> None:
     """server/mosquitto/mosquitto.conf is valid for the installed Mosquitto (paths redirected)."""
     exe = require_tool("mosquitto")
-    from server.broker import TEMPLATE_DIR, add_password, free_port, render_acl
+    from edgehmoe.server.broker import TEMPLATE_DIR, add_password, free_port, render_acl
 
     port = free_port()
     text = (TEMPLATE_DIR / "mosquitto.conf").read_text()
@@ -464,7 +467,7 @@ def _make_certificates(directory: Path) -> tuple:
 
 def test_tls_with_private_ca(tmp_path: Path) -> None:
     require_tool("mosquitto")
-    from server.broker import MosquittoBroker
+    from edgehmoe.server.broker import MosquittoBroker
 
     ca, crt, key = _make_certificates(tmp_path)
     with MosquittoBroker(certfile=crt, keyfile=key, run_dir=tmp_path / "broker") as broker:

@@ -30,20 +30,25 @@ import onnx
 import pytest
 import torch
 
-from edgehmoe.central import new_model_dir
-from edgehmoe.checkpoint import CheckpointError
-from edgehmoe.experts import ArchSpec, build_model, count_params, flat_spec
-from edgehmoe.hierarchy import Hierarchy
-from edgehmoe.hmoe import evaluate_models
-from edgehmoe.onnx_bundle import (
+from edgehmoe.core.checkpoint import CheckpointError
+from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.edge.runtime import (
+    BundleError,
+    BundlePredictor,
+    FlatPredictor,
+    read_manifest,
+)
+from edgehmoe.export.bundle import (
     ParityError,
     check_parity_dirs,
     export_bundle,
     load_torch_models,
     subset_bundle,
 )
-from edgehmoe.runtime import BundleError, BundlePredictor, FlatPredictor, read_manifest
-from edgehmoe.training import predict_logits, state_arrays
+from edgehmoe.model.arch import ArchSpec, build_model, count_params, flat_spec
+from edgehmoe.model.central import new_model_dir
+from edgehmoe.model.inference import evaluate_models
+from edgehmoe.model.training import predict_logits, state_arrays
 
 SIZE = 16
 PARENTS = [-1, 0, 0, 0, 1, 1, 2, 2, 3, 3, 7, 7]
@@ -134,7 +139,7 @@ def test_ort_logits_match_torch_for_every_network_and_batch_size(exported):
 
 
 def test_preprocess_matches_training_bit_for_bit(exported):
-    from edgehmoe.training import preprocess as torch_preprocess
+    from edgehmoe.model.training import preprocess as torch_preprocess
 
     md, bundle = exported
     x = _images(4)
@@ -153,7 +158,7 @@ def test_greedy_beam_and_threshold_predictions_equal_torch(exported):
     np.testing.assert_array_equal(chain.predict_beam(x, 3)[0], hm.predict_beam(x, 3))
     np.testing.assert_array_equal(chain.predict_until(x, 0.3)[0], hm.predict_until(x, 0.3))
     y = np.random.default_rng(0).integers(0, 7, size=len(x))
-    from edgehmoe.cli_bundle import evaluate_bundle
+    from edgehmoe.cli.bundle import evaluate_bundle
 
     # Same predictions, so the metrics are identical (not merely close).
     for model, kw in [("hmoe", {}), ("hmoe", {"beam": 2}), ("hmoe", {"threshold": 0.3}), ("flat", {}),
@@ -286,7 +291,7 @@ def test_run_directory_exports_like_a_model_directory(tmp_path):
     md.write_expert(0, spec.to_dict(), state_arrays(m), count_params(m))
     md.save_json()
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
-    from edgehmoe.cli_bundle import main
+    from edgehmoe.cli.bundle import main
 
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "b"), "--no-flat", "--json"]) == 0
     m = read_manifest(tmp_path / "b")

@@ -1,4 +1,4 @@
-"""Tests for edgehmoe.partition: IID and Dirichlet partitioners, shard files."""
+"""Tests for edgehmoe.data.partition: IID and Dirichlet partitioners, shard files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from edgehmoe.datasets import ImageDataset, make_synthetic
-from edgehmoe.partition import (
+from edgehmoe.data import ImageDataset, make_synthetic
+from edgehmoe.data.partition import (
     DirichletPartitioner,
     IidPartitioner,
     ShardError,
@@ -182,7 +182,7 @@ def test_corrupt_or_wrong_shards_rejected(tmp_path):
 
 def test_shard_readable_as_npz_dataset(tmp_path):
     # Prepare
-    from edgehmoe.datasets import load_dataset
+    from edgehmoe.data import load_dataset
 
     ds = tiny_dataset()
     (path,) = write_shards(ds, IidPartitioner(1), tmp_path)

@@ -65,7 +65,7 @@ def smoke(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tree():
-    from edgehmoe.datasets import load_dataset
+    from edgehmoe.data import load_dataset
 
     return load_dataset(SPEC, split="train", limit_per_class=1).hierarchy
 
@@ -114,7 +114,7 @@ def test_smoke_samples_follow_the_tree(smoke, tree):
 
 @pytest.mark.slow
 def test_smoke_params_match_the_specs(smoke, tree):
-    from edgehmoe.experts import count_params, expert_specs, flat_spec
+    from edgehmoe.model.arch import count_params, expert_specs, flat_spec
 
     res = json.loads(smoke["json"].read_text())
     specs = expert_specs(tree, input_size=32, flat_width=32)

@@ -2,9 +2,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from edgehmoe.routing import predict_beam, predict_greedy, predict_until
 from tree9 import tree9
+
+from edgehmoe.core.routing import predict_beam, predict_greedy, predict_until
 
 # Child probabilities per node, the same for every sample:
 #   root: A 0.55, B 0.45 ; A: a1 0.5, a2 0.5 ; B: b1 0.1, C 0.9 ; C: c1 0.95, c2 0.05

@@ -22,16 +22,21 @@ import numpy as np
 import pytest
 import torch
 
-from edgehmoe.central import fit_flat, fit_hmoe, new_model_dir
-from edgehmoe.cli_bundle import evaluate_bundle
-from edgehmoe.cli_bundle import main as bundle_main
-from edgehmoe.datasets.base import channel_stats
-from edgehmoe.datasets.synthetic import make_synthetic
-from edgehmoe.experts import expert_specs
-from edgehmoe.hmoe import evaluate_models
-from edgehmoe.onnx_bundle import export_bundle, load_torch_models
-from edgehmoe.runtime import BundleError, BundlePredictor, FlatPredictor, make_session_options
-from edgehmoe.training import TrainConfig
+from edgehmoe.cli.bundle import evaluate_bundle
+from edgehmoe.cli.bundle import main as bundle_main
+from edgehmoe.data.base import channel_stats
+from edgehmoe.data.synthetic import make_synthetic
+from edgehmoe.edge.runtime import (
+    BundleError,
+    BundlePredictor,
+    FlatPredictor,
+    make_session_options,
+)
+from edgehmoe.export.bundle import export_bundle, load_torch_models
+from edgehmoe.model.arch import expert_specs
+from edgehmoe.model.central import fit_flat, fit_hmoe, new_model_dir
+from edgehmoe.model.inference import evaluate_models
+from edgehmoe.model.training import TrainConfig
 
 SIZE = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -268,10 +273,10 @@ def test_predict_and_evaluate_work_without_torch(trained, tmp_path):
     script = _BLOCK_TORCH + textwrap.dedent(
         f"""
         import numpy as np
-        from edgehmoe.cli import main
+        from edgehmoe.cli.main import main
         rc = main(["predict", "--bundle", {str(bundle)!r}, {str(npz)!r}, {str(png)!r}, "--json"])
         assert rc == 0, rc
-        from edgehmoe.cli_bundle import evaluate_bundle
+        from edgehmoe.cli.bundle import evaluate_bundle
         d = np.load({str(tmp_path / "eval.npz")!r})
         m = evaluate_bundle({str(bundle)!r}, d["x"], d["y"])
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)

@@ -2,8 +2,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from server.scheduler import FLAT, DeviceView, Scheduler
+from edgehmoe.server.scheduler import FLAT, DeviceView, Scheduler
 from tree9 import tree9
 
 # tree9 experts: root (0, 5 leaves), A (1, 2 leaves), B (2, 3 leaves), C (6, 2 leaves)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import require_tool
 
 pytestmark = pytest.mark.slow
@@ -49,7 +48,7 @@ def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
 
 
 def test_equal_compute_interpolates_flat_curve():
-    from server.report import build_summary
+    from edgehmoe.server.report import build_summary
     from tree9 import tree9
 
     def rows(costs, evals):

@@ -1,10 +1,18 @@
 import numpy as np
 import pytest
 import torch
+from tree9 import tree9
 
-from edgehmoe.experts import ArchSpec, build_model, count_params, estimate_train_memory_mb, expert_specs, expert_width
-from edgehmoe.resources import RoundMeter
-from edgehmoe.training import (
+from edgehmoe.measure.meter import RoundMeter
+from edgehmoe.model.arch import (
+    ArchSpec,
+    build_model,
+    count_params,
+    estimate_train_memory_mb,
+    expert_specs,
+    expert_width,
+)
+from edgehmoe.model.training import (
     TrainConfig,
     augment,
     load_state_arrays,
@@ -14,7 +22,6 @@ from edgehmoe.training import (
     state_arrays,
     train_epochs,
 )
-from tree9 import tree9
 
 MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 STD = np.array([0.25, 0.25, 0.25], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Tests of edgehmoe.wire: round trips and every rejection path of decode()."""
+"""Tests of edgehmoe.fl.wire: round trips and every rejection path of decode()."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from edgehmoe import wire
-from edgehmoe.wire import (
+from edgehmoe.fl import wire
+from edgehmoe.fl.wire import (
     PROTOCOL_VERSION,
     Hello,
     Status,

@@ -13,7 +13,7 @@
 Leaves under: root 5, A 2, B 3, C 2. Heights: root 3, A 1, B 2, C 1, leaves 0.
 """
 
-from edgehmoe.hierarchy import Hierarchy
+from edgehmoe.core.hierarchy import Hierarchy
 
 PARENTS = [-1, 0, 0, 1, 1, 2, 2, 6, 6]
 NAMES = ["root", "A", "B", "a1", "a2", "b1", "C", "c1", "c2"]

@@ -2,7 +2,7 @@
 """Inference latency and resident memory of an ONNX bundle: the chain of experts vs the flat model.
 
 Each model is measured in a **fresh subprocess** that imports numpy, onnxruntime and
-:mod:`edgehmoe.runtime` only (no torch), loads its input images, records its RSS
+:mod:`edgehmoe.edge.runtime` only (no torch), loads its input images, records its RSS
 (``baseline``), then creates the predictor, warms up, and times ``--repeats`` predictions
 per batch size. Reported per model and batch size:
 
@@ -103,7 +103,7 @@ def _reset_peak() -> None:
 def _load_inputs(cfg: dict, image_shape: tuple[int, int, int]) -> np.ndarray:
     n = int(cfg["pool"])
     if cfg.get("dataset"):
-        from edgehmoe.datasets import load_dataset
+        from edgehmoe.data import load_dataset
 
         ds = load_dataset(cfg["dataset"], cfg.get("split", "train"), limit_per_class=max(1, n // 10))
         rng = np.random.default_rng(0)
@@ -115,7 +115,12 @@ def _load_inputs(cfg: dict, image_shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _worker(cfg: dict) -> dict:
-    from edgehmoe.runtime import BundlePredictor, FlatPredictor, make_session_options, read_manifest
+    from edgehmoe.edge.runtime import (
+        BundlePredictor,
+        FlatPredictor,
+        make_session_options,
+        read_manifest,
+    )
 
     manifest = read_manifest(cfg["bundle"])
     shape = tuple(manifest["input"]["image_shape"])
@@ -220,11 +225,11 @@ def make_cifar_bundle(out: str | Path, seed: int = 0, root_width: int = 16, expe
 
     import torch
 
-    from edgehmoe.central import new_model_dir
-    from edgehmoe.experts import ArchSpec, build_model, count_params, flat_spec
-    from edgehmoe.hierarchy import cifar100_hierarchy
-    from edgehmoe.onnx_bundle import export_bundle
-    from edgehmoe.training import state_arrays
+    from edgehmoe.data.taxonomy import cifar100_hierarchy
+    from edgehmoe.export.bundle import export_bundle
+    from edgehmoe.model.arch import ArchSpec, build_model, count_params, flat_spec
+    from edgehmoe.model.central import new_model_dir
+    from edgehmoe.model.training import state_arrays
 
     fine = [f"fine{i}" for i in range(100)]
     coarse = [f"coarse{i}" for i in range(20)]

@@ -7,7 +7,7 @@ and of every expert of the class tree, each in a **fresh subprocess** (so every 
 starts from the same clean baseline: interpreter + torch + edgehmoe imported, data loaded),
 ``--repeats`` times, and reports the median and spread of ``round_time_ms``,
 ``round_mem_mb`` and ``peak_rss_mb`` as defined in docs/design.md ("Measurement
-definitions"). The round itself is :func:`edgehmoe.training.measured_local_round`, the very
+definitions"). The round itself is :func:`edgehmoe.model.training.measured_local_round`, the very
 call the device client makes per task; nothing here re-implements training.
 
 The client's data for a node is its samples under that node (relabelled with
@@ -165,9 +165,9 @@ def client_sample(y: np.ndarray, num_classes: int, n: int, seed: int) -> np.ndar
 def _load_client(spec: str, n: int, seed: int):
     """Load the training split (only as much as needed) and draw the client's samples."""
     try:
-        from edgehmoe.datasets import channel_stats, load_dataset
+        from edgehmoe.data import channel_stats, load_dataset
     except ImportError as e:  # pragma: no cover - the package is part of edgehmoe
-        raise ProfileError(f"cannot import edgehmoe.datasets ({e})") from None
+        raise ProfileError(f"cannot import edgehmoe.data ({e})") from None
     # Learn the number of classes cheaply first, then load just enough per class (twice what
     # the draw needs, so the seed chooses among them) - Tiny ImageNet decodes JPEGs lazily.
     probe = _call_loader(load_dataset, spec, 1)
@@ -205,9 +205,9 @@ def _child_main(job_json: str) -> int:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        from edgehmoe.experts import ArchSpec, count_params
-        from edgehmoe.resources import rss_mb
-        from edgehmoe.training import TrainConfig, measured_local_round
+        from edgehmoe.measure.meter import rss_mb
+        from edgehmoe.model.arch import ArchSpec, count_params
+        from edgehmoe.model.training import TrainConfig, measured_local_round
 
         with np.load(job["data"], allow_pickle=False) as d:
             x, y, mean, std = d["x"], d["y"], d["mean"], d["std"]
@@ -218,8 +218,8 @@ def _child_main(job_json: str) -> int:
         if job.get("warmup", True):
             # The device client calls warm_up() once at start-up, so torch's lazy first-pass
             # initialisation (kernels, thread pools, library pages) is not charged to a round.
-            from edgehmoe.resources import RoundMeter
-            from edgehmoe.training import warm_up
+            from edgehmoe.measure.meter import RoundMeter
+            from edgehmoe.model.training import warm_up
 
             with RoundMeter() as wm:
                 warm_up()
@@ -478,7 +478,7 @@ class Model:
 
 
 def _models(ds, y: np.ndarray, flat_width: int) -> list[Model]:
-    from edgehmoe.experts import expert_specs, flat_spec
+    from edgehmoe.model.arch import expert_specs, flat_spec
 
     tree = ds.hierarchy
     size = int(ds.x.shape[1])

@@ -1,0 +1,558 @@
+"""Torch-free prediction over an ONNX bundle: what a Raspberry Pi runs.
+
+A *bundle* is a folder written by :func:`edgehmoe.export.bundle.export_bundle` (or reduced by
+:func:`edgehmoe.export.bundle.subset_bundle`)::
+
+    BUNDLE/
+      manifest.json          # format version, tree, preprocessing, node -> file, sha256 of each file
+      experts/<node>.onnx    # one expert per internal node: float32 (N, 3, H, W) -> logits (N, k)
+      flat.onnx              # the flat baseline (optional): (N, 3, H, W) -> logits (N, classes)
+
+:class:`BundlePredictor` runs the chain of experts top-down through :mod:`edgehmoe.core.routing`
+(the same code path as the torch model), creating ONNX Runtime sessions lazily and keeping at
+most ``max_sessions`` of them alive (least recently used is dropped), so a device only holds
+the experts its samples' paths need. Every file's sha256 is checked against the manifest
+before it is used, so a missing or tampered file fails with :class:`BundleError` instead of
+producing silent garbage.
+
+This module imports numpy and onnxruntime only (plus the numpy core of edgehmoe): it works on
+a device without torch. Session defaults (one intra-op thread, sequential execution, CPU
+memory arena and memory pattern off, all graph optimisations) were chosen by measurement for
+these small convolutional models; see ``docs/inference.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgehmoe.core import routing
+from edgehmoe.core.hierarchy import Hierarchy, HierarchyError
+from edgehmoe.errors import EdgeHmoeError, MissingDependency, UsageError
+
+try:  # an optional dependency: fail at use with an install hint, not at import
+    import onnxruntime as _ort
+except ImportError:  # pragma: no cover - exercised only on installs without onnxruntime
+    _ort = None
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_FORMAT_VERSION",
+    "MANIFEST",
+    "BundleError",
+    "BundlePredictor",
+    "FlatPredictor",
+    "file_sha256",
+    "make_session_options",
+    "preprocess",
+    "read_manifest",
+    "verify_bundle",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "edgehmoe-onnx-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(EdgeHmoeError, ValueError):
+    """A bundle is missing, incomplete, tampered with, or given input it cannot take."""
+
+
+# ---------------------------------------------------------------------- helpers
+def _require_ort():
+    if _ort is None:
+        raise MissingDependency(
+            "onnxruntime is not installed; install it with `pip install onnxruntime` "
+            "(or `pip install 'edgehmoe[edge]'`)"
+        )
+    return _ort
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def preprocess(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 NHWC → float32 NCHW in [0, 1], normalised per channel.
+
+    Performs the same float32 operations in the same order as
+    :func:`edgehmoe.model.training.preprocess` (divide by 255, subtract mean, divide by std), so the
+    two agree bit for bit.
+    """
+    t = np.ascontiguousarray(x).transpose(0, 3, 1, 2).astype(np.float32)
+    t /= np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((t - m) / s)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def make_session_options(
+    threads: int = 1,
+    *,
+    mem_arena: bool = False,
+    mem_pattern: bool = False,
+    optimization: str = "all",
+    inter_threads: int = 1,
+):
+    """Session options for small devices.
+
+    Args:
+        threads: intra-op threads (``0`` lets ONNX Runtime use every physical core). One
+            thread means the calling thread does all the work and no thread pool is created.
+        mem_arena: keep ONNX Runtime's CPU memory arena. Off by default: with it, each
+            session keeps its largest batch's activations reserved after the run; the
+            measured latency cost of turning it off is within noise for these models.
+        mem_pattern: pre-plan one block for all activations per input shape. Off by default
+            (same memory reason, no measurable latency gain with a varying batch size).
+        optimization: graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
+        inter_threads: threads across graph nodes; our models are a single chain, so
+            sequential execution with one inter-op thread is right.
+    """
+    ort = _require_ort()
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise UsageError(f"unknown optimisation level {optimization!r}; valid: {', '.join(levels)}")
+    if threads < 0 or inter_threads < 0:
+        raise UsageError(f"thread counts must be >= 0, got threads={threads}, inter_threads={inter_threads}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = int(inter_threads)
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = levels[optimization]
+    so.enable_cpu_mem_arena = bool(mem_arena)
+    so.enable_mem_pattern = bool(mem_pattern)
+    so.log_severity_level = 3  # errors only; ORT's warnings go to stderr, not our logger
+    if threads == 1:
+        # With one thread there is nobody to spin for; spinning only burns a Pi core.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+# ---------------------------------------------------------------------- manifest
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """Read and validate ``manifest.json`` (structure only; see :func:`verify_bundle` for files)."""
+    bundle_dir = Path(bundle_dir)
+    mpath = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle folder {bundle_dir} does not exist; create one with `edgehmoe export`")
+    if not mpath.is_file():
+        raise BundleError(
+            f"{bundle_dir} is not an edgehmoe ONNX bundle ({MANIFEST} missing); create one with "
+            "`edgehmoe export --model-dir DIR --out BUNDLE`"
+        )
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
+    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise BundleError(f"{mpath} is not an edgehmoe bundle manifest (format={fmt!r})")
+    if m.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath} has format_version {m.get('format_version')!r}; this edgehmoe reads version "
+            f"{BUNDLE_FORMAT_VERSION} (re-export the bundle with this version)"
+        )
+    for key in ("hierarchy", "class_names", "class_ids", "input", "preprocess", "experts"):
+        if key not in m:
+            raise BundleError(f"{mpath} lacks the key {key!r}; re-export the bundle")
+    try:
+        tree = Hierarchy.from_dict(m["hierarchy"])
+    except HierarchyError as e:
+        raise BundleError(f"{mpath}: invalid tree: {e}") from None
+    if len(m["class_names"]) != tree.num_classes or len(m["class_ids"]) != tree.num_classes:
+        raise BundleError(
+            f"{mpath}: {len(m['class_names'])} class names and {len(m['class_ids'])} class ids "
+            f"for {tree.num_classes} leaves"
+        )
+    experts = m["experts"]
+    if not isinstance(experts, dict):
+        raise BundleError(f"{mpath}: 'experts' must map node ids to files")
+    missing = [int(n) for n in tree.internal_nodes if str(int(n)) not in experts]
+    if missing:
+        raise BundleError(
+            f"{mpath}: no expert for internal node(s) {missing[:10]} ({tree.names[missing[0]]!r}, ...); "
+            "the bundle is incomplete"
+        )
+    for key, entry in _entries(m):
+        for field in ("file", "sha256", "num_outputs"):
+            if field not in entry:
+                raise BundleError(f"{mpath}: entry {key!r} lacks {field!r}")
+        f = Path(entry["file"])
+        if f.is_absolute() or ".." in f.parts:
+            raise BundleError(f"{mpath}: entry {key!r} points outside the bundle ({entry['file']!r})")
+    for key, entry in experts.items():
+        node = int(key)
+        k = len(entry.get("outputs") or range(int(entry["num_outputs"])))
+        if node >= tree.num_nodes or tree.is_leaf[node]:
+            raise BundleError(f"{mpath}: expert {key} is not an internal node of the tree")
+        if k != tree.num_children[node]:
+            raise BundleError(
+                f"{mpath}: expert {node} ({tree.names[node]!r}) gives {k} outputs but the node has "
+                f"{tree.num_children[node]} children"
+            )
+    inp = m["input"]
+    if not isinstance(inp, dict) or len(inp.get("image_shape", [])) != 3:
+        raise BundleError(f"{mpath}: 'input' must give image_shape [H, W, C]")
+    return m
+
+
+def _entries(m: dict) -> list[tuple[str, dict]]:
+    out = [(f"expert {k}", v) for k, v in m["experts"].items()]
+    if m.get("flat"):
+        out.append(("flat", m["flat"]))
+    return out
+
+
+def _check_file(bundle_dir: Path, entry: dict, what: str, data: bytes | None = None) -> None:
+    path = bundle_dir / entry["file"]
+    if data is None:
+        if not path.is_file():
+            raise BundleError(f"{path} is missing ({what}); the bundle is incomplete: re-export or re-copy it")
+        digest = file_sha256(path)
+    else:
+        digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise BundleError(
+            f"{path} ({what}) does not match its sha256 in {MANIFEST} "
+            f"(expected {entry['sha256'][:16]}…, got {digest[:16]}…): the file was modified or "
+            "corrupted; re-export or re-copy the bundle"
+        )
+
+
+def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None) -> dict:
+    """Check that every file of the bundle exists and matches its sha256; returns the manifest."""
+    bundle_dir = Path(bundle_dir)
+    m = manifest if manifest is not None else read_manifest(bundle_dir)
+    for what, entry in _entries(m):
+        _check_file(bundle_dir, entry, what)
+    return m
+
+
+# ---------------------------------------------------------------------- predictors
+class _BundleBase:
+    """Manifest, input checks and session creation shared by the chain and the flat model."""
+
+    def __init__(self, bundle_dir: str | Path, *, threads: int = 1, verify: bool = True, session_options=None):
+        _require_ort()
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir)
+        self.verify = verify
+        if verify:
+            verify_bundle(self.bundle_dir, self.manifest)
+        else:
+            for what, entry in _entries(self.manifest):
+                if not (self.bundle_dir / entry["file"]).is_file():
+                    raise BundleError(f"{self.bundle_dir / entry['file']} is missing ({what}); the bundle is incomplete")
+        self.tree = Hierarchy.from_dict(self.manifest["hierarchy"])
+        self.class_names: list[str] = list(self.manifest["class_names"])
+        # Dataset class id (of the data the model was trained on) of each leaf class of this
+        # bundle's tree; the identity except in subset bundles.
+        self.class_ids = np.asarray(self.manifest["class_ids"], dtype=np.int64)
+        self.image_shape = tuple(int(v) for v in self.manifest["input"]["image_shape"])
+        self.input_name = self.manifest["input"].get("name", "input")
+        pp = self.manifest["preprocess"]
+        self.mean = np.asarray(pp["mean"], dtype=np.float32)
+        self.std = np.asarray(pp["std"], dtype=np.float32)
+        self.threads = threads
+        self._session_options = session_options if session_options is not None else make_session_options(threads)
+        self.sessions_created = 0
+
+    @property
+    def input_size(self) -> int:
+        return self.image_shape[0]
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Raise :class:`BundleError` unless ``x`` is uint8 ``(N, H, W, 3)`` of this bundle's size."""
+        h, w, c = self.image_shape
+        expected = f"uint8 images of shape (N, {h}, {w}, {c})"
+        if not isinstance(x, np.ndarray):
+            raise BundleError(f"expected a numpy array of {expected}; got {type(x).__name__}")
+        if x.ndim == 3 and x.shape == (h, w, c):
+            raise BundleError(f"expected {expected}; got one image of shape {x.shape}: add a batch axis (x[None])")
+        if x.ndim != 4 or x.shape[1:] != (h, w, c):
+            raise BundleError(
+                f"expected {expected} (this bundle's input size is {h}x{w}); got {x.dtype} array of shape "
+                f"{x.shape}; resize the images to {h}x{w} RGB first"
+            )
+        if x.dtype != np.uint8:
+            raise BundleError(f"expected {expected}; got dtype {x.dtype} (convert 0..255 values with x.astype(np.uint8))")
+        return x
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        return preprocess(self.check_input(x), self.mean, self.std)
+
+    def _new_session(self, entry: dict, what: str):
+        path = self.bundle_dir / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{path} is missing ({what}); the bundle is incomplete: re-export or re-copy it") from None
+        if self.verify:  # hash exactly the bytes ONNX Runtime gets, not an earlier read
+            _check_file(self.bundle_dir, entry, what, data)
+        try:
+            sess = _ort.InferenceSession(data, self._session_options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for invalid models
+            raise BundleError(f"ONNX Runtime cannot load {path} ({what}): {e}") from None
+        self.sessions_created += 1
+        logger.debug("created session for %s (%s)", what, path.name)
+        return sess
+
+    @staticmethod
+    def _logits(sess, input_name: str, xp: np.ndarray, entry: dict) -> np.ndarray:
+        out = sess.run(None, {input_name: xp})[0]
+        sel = entry.get("outputs")
+        return out[:, sel] if sel is not None else out
+
+    def class_id(self, node: int) -> int:
+        """Original dataset class id of leaf ``node`` (``-1`` for internal nodes)."""
+        c = int(self.tree.leaf_class[node])
+        return int(self.class_ids[c]) if c >= 0 else -1
+
+    def describe_node(self, node: int) -> dict:
+        node = int(node)
+        return {
+            "node": node,
+            "name": self.tree.names[node],
+            "is_leaf": bool(self.tree.is_leaf[node]),
+            "class_id": self.class_id(node) if self.tree.is_leaf[node] else None,
+        }
+
+
+class BundlePredictor(_BundleBase):
+    """The chain of ONNX experts of a bundle, predicting top-down.
+
+    Args:
+        bundle_dir: folder holding ``manifest.json`` and the ``.onnx`` files.
+        max_sessions: at most this many expert sessions stay alive (least recently used is
+            closed first); ``0`` or less means no limit.
+        threads: intra-op threads per session (1 mimics one Pi core and is the measured best
+            for these tiny models; 0 = all cores).
+        verify: check every file's sha256 against the manifest when opening the bundle and
+            again on the bytes given to ONNX Runtime when a session is created.
+        session_options: an ``onnxruntime.SessionOptions`` replacing the defaults.
+
+    All ``predict_*`` methods take uint8 images ``(N, H, W, 3)`` and work batch-wise: the
+    samples sitting at the same node are grouped, so each expert runs once per level.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        *,
+        max_sessions: int = 32,
+        threads: int = 1,
+        verify: bool = True,
+        session_options=None,
+    ):
+        super().__init__(bundle_dir, threads=threads, verify=verify, session_options=session_options)
+        self.max_sessions = int(max_sessions)
+        self._experts = {int(k): v for k, v in self.manifest["experts"].items()}
+        self._sessions: OrderedDict[int, object] = OrderedDict()
+        self.expert_calls = 0
+
+    # ------------------------------------------------------------ sessions
+    def session(self, node: int):
+        """The session of ``node``'s expert, created on first use (LRU-cached)."""
+        node = int(node)
+        sess = self._sessions.get(node)
+        if sess is not None:
+            self._sessions.move_to_end(node)
+            return sess
+        if node not in self._experts:
+            raise BundleError(f"node {node} ({self.tree.names[node]!r}) has no expert in this bundle")
+        sess = self._new_session(self._experts[node], f"expert {node} {self.tree.names[node]!r}")
+        self._sessions[node] = sess
+        while self.max_sessions > 0 and len(self._sessions) > self.max_sessions:
+            old, _ = self._sessions.popitem(last=False)
+            logger.debug("closed session of expert %s (LRU, max_sessions=%s)", old, self.max_sessions)
+        return sess
+
+    @property
+    def loaded_experts(self) -> list[int]:
+        """Nodes whose sessions are alive, least recently used first."""
+        return list(self._sessions)
+
+    def close(self) -> None:
+        """Drop every session (they are recreated on demand)."""
+        self._sessions.clear()
+
+    # ------------------------------------------------------------ experts
+    def expert_logits(self, node: int, xp: np.ndarray) -> np.ndarray:
+        """Logits of ``node``'s expert on preprocessed float32 NCHW input ``xp``."""
+        self.expert_calls += 1
+        return self._logits(self.session(node), self.input_name, xp, self._experts[int(node)])
+
+    def expert_probs_fn(self, xp: np.ndarray, record: dict | None = None) -> routing.ExpertProbs:
+        """The ``expert_probs(node, idx)`` callable of :mod:`edgehmoe.core.routing` over ``xp``.
+
+        With ``record``, each node's probabilities are also stored there
+        (``record[node]`` is an ``(N, k)`` array, NaN where the node did not run) to explain
+        the path afterwards.
+        """
+
+        def fn(node: int, idx: np.ndarray) -> np.ndarray:
+            p = _softmax(self.expert_logits(node, xp[idx]))
+            if record is not None:
+                if node not in record:
+                    record[node] = np.full((len(xp), p.shape[1]), np.nan)
+                record[node][idx] = p
+            return p
+
+        return fn
+
+    # ------------------------------------------------------------ prediction
+    def predict_greedy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Most probable child at each node down to a leaf: ``(nodes, path_probability)``."""
+        xp = self.preprocess(x)
+        return routing.predict_greedy(self.tree, len(xp), self.expert_probs_fn(xp))
+
+    def predict_beam(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search of width ``k`` over root-to-leaf paths: ``(nodes, path_probability)``."""
+        xp = self.preprocess(x)
+        return routing.predict_beam(self.tree, len(xp), self.expert_probs_fn(xp), int(k))
+
+    def predict_until(self, x: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy descent that stops at an internal node when the path probability would fall
+        below ``tau``: ``(nodes, path_probability)``."""
+        xp = self.preprocess(x)
+        return routing.predict_until(self.tree, len(xp), self.expert_probs_fn(xp), float(tau))
+
+    def predict(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Dispatch: thresholded descent if ``threshold`` is given, else beam (``beam > 1``) or greedy."""
+        if threshold is not None:
+            if beam > 1:
+                raise UsageError("choose either a beam width or a threshold, not both")
+            return self.predict_until(x, threshold)
+        return self.predict_beam(x, beam) if beam > 1 else self.predict_greedy(x)
+
+    def explain(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None, top: int = 3) -> list[dict]:
+        """Prediction with its root path and per-step probabilities, one dict per image.
+
+        Each dict has ``node``, ``name``, ``is_leaf``, ``class_id`` (original dataset class
+        id, ``None`` for an internal node), ``probability`` (path probability), ``path``
+        (list of ``{node, name, probability, path_probability}`` from the root; the root's
+        probability is 1) and ``alternatives`` (the ``top`` most probable children at the
+        last expert that ran, as ``{node, name, probability}``).
+        """
+        xp = self.preprocess(x)
+        record: dict[int, np.ndarray] = {}
+        fn = self.expert_probs_fn(xp, record)
+        tree = self.tree
+        n = len(xp)
+        if threshold is not None:
+            if beam > 1:
+                raise UsageError("choose either a beam width or a threshold, not both")
+            nodes, pp = routing.predict_until(tree, n, fn, float(threshold))
+        elif beam > 1:
+            nodes, pp = routing.predict_beam(tree, n, fn, int(beam))
+        else:
+            nodes, pp = routing.predict_greedy(tree, n, fn)
+        out = []
+        for i, node in enumerate(nodes.tolist()):
+            path = tree.path(node)
+            steps = [{"node": 0, "name": tree.names[0], "probability": 1.0, "path_probability": 1.0}]
+            cum = 1.0
+            for parent, child in zip(path[:-1], path[1:]):
+                p = float(record[parent][i, tree.child_index[child]])
+                cum *= p
+                steps.append({"node": child, "name": tree.names[child], "probability": p, "path_probability": cum})
+            # The last expert that ran for this sample: the predicted node itself when the
+            # descent stopped there (threshold), else the leaf's parent.
+            last = node if not tree.is_leaf[node] else int(tree.parents[node])
+            alts = []
+            if last >= 0 and last in record and np.isfinite(record[last][i]).all():
+                probs = record[last][i]
+                kids = tree.children(last)
+                for j in np.argsort(-probs, kind="stable")[:top]:
+                    alts.append({"node": int(kids[j]), "name": tree.names[kids[j]], "probability": float(probs[j])})
+            d = self.describe_node(node)
+            if d["class_id"] is not None:
+                d["class_name"] = self.class_names[int(tree.leaf_class[node])]
+            d.update(probability=float(pp[i]), path=steps, alternatives=alts)
+            out.append(d)
+        return out
+
+
+class FlatPredictor(_BundleBase):
+    """The flat baseline of a bundle (one softmax over all leaves), for comparison."""
+
+    def __init__(self, bundle_dir: str | Path, *, threads: int = 1, verify: bool = True, session_options=None):
+        super().__init__(bundle_dir, threads=threads, verify=verify, session_options=session_options)
+        entry = self.manifest.get("flat")
+        if not entry:
+            raise BundleError(f"{self.bundle_dir} has no flat model (export with include_flat=True)")
+        k = len(entry.get("outputs") or range(int(entry["num_outputs"])))
+        if k != self.tree.num_classes:
+            raise BundleError(f"the flat model gives {k} outputs but the tree has {self.tree.num_classes} leaves")
+        self._entry = entry
+        self._session = None
+
+    def session(self):
+        if self._session is None:
+            self._session = self._new_session(self._entry, "flat model")
+        return self._session
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits over this bundle's classes (class ids of the bundle's tree)."""
+        return self._logits(self.session(), self.input_name, self.preprocess(x), self._entry)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return _softmax(self.logits(x))
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Argmax leaf: ``(nodes, probability)``."""
+        p = self.predict_proba(x)
+        c = p.argmax(axis=1)
+        return self.tree.class_to_node[c], p[np.arange(len(p)), c]
+
+    def predict_until(self, x: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        """Deepest node on the argmax leaf's path whose summed leaf probability is ≥ ``tau``.
+
+        Same rule as :meth:`edgehmoe.model.inference.FlatModel.predict_until`.
+        """
+        p = self.predict_proba(x)
+        tree = self.tree
+        leaf = tree.class_to_node[p.argmax(axis=1)]
+        out = np.zeros(len(p), dtype=np.int64)
+        mass_out = np.ones(len(p))
+        leaf_nodes = tree.class_to_node
+        for d in range(1, tree.max_depth + 1):
+            node_d = tree.ancestor_matrix[leaf, np.minimum(d, tree.depths[leaf])]
+            under = tree.is_ancestor_or_self(node_d[:, None], leaf_nodes[None, :])
+            mass = (p * under).sum(axis=1)
+            ok = mass >= tau
+            out = np.where(ok, node_d, out)
+            mass_out = np.where(ok, mass, mass_out)
+        return out, mass_out
+
+    def close(self) -> None:
+        self._session = None
+

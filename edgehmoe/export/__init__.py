@@ -1,0 +1,1 @@
+"""torch → ONNX: writing, checking (parity) and cutting down bundles."""
