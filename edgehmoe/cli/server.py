@@ -97,7 +97,9 @@ def cmd_credentials_add(args) -> int:
 
 
 def cmd_broker_config(args) -> int:
-    src = Path(__file__).with_name("mosquitto")
+    from edgehmoe.server.broker import TEMPLATE_DIR
+
+    src = TEMPLATE_DIR
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
