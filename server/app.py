@@ -516,12 +516,28 @@ class AggregationServer:
         return row
 
     def evaluate(self, x=None, y=None) -> dict:
-        """Metrics of the current weights on the validation split (or given data)."""
-        from edgehmoe.model.inference import evaluate_models, load_models
+        """Metrics of the in-memory weights (``self.weights``) on the validation split (or given data).
+
+        The networks are built from the arrays in memory, not read back from ``model.json``:
+        during a commit ``model.json`` still names the previous round's files until
+        ``state.json`` has been replaced, so reading it would score the previous weights.
+        """
+        from edgehmoe.model.arch import build_model
+        from edgehmoe.model.inference import FlatModel, HierarchicalModel, evaluate_models
+        from edgehmoe.model.training import load_state_arrays
 
         x = self.val.x if x is None else x
         y = self.val.y if y is None else y
-        hm, fm, _ = load_models(self.out)
+        nets = {}
+        for n, arrays in self.weights.items():
+            m = load_state_arrays(build_model(self.specs[n]), arrays)
+            m.eval()
+            nets[n] = m
+        hm = fm = None
+        if self.cfg.model.kind == "flat":
+            fm = FlatModel(self.tree, nets[FLAT], self.mean, self.std)
+        else:
+            hm = HierarchicalModel(self.tree, nets, self.mean, self.std)
         return evaluate_models(hm, fm, x, y, which=self.cfg.model.kind)
 
     def run(self) -> list[dict]:

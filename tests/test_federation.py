@@ -107,37 +107,53 @@ def rows_of(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
+def evaluate_cli(run_dir: Path, cfg) -> dict:
+    """``edgehmoe evaluate --model-dir RUN --split val --json`` on the run's dataset and val split."""
+    r = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "-q", "evaluate", "--model-dir", str(run_dir),
+                        "--dataset", cfg.run.dataset, "--split", "val", "--val-fraction", str(cfg.run.val_fraction),
+                        "--seed", str(cfg.run.seed), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
 @pytest.mark.parametrize("kind, mode", [("hmoe", "paper"), ("hmoe", "parallel"), ("flat", "paper")])
 def test_federated_rounds_end_to_end(fed, kind, mode):
     from edgehmoe.server.app import AggregationServer
+    from edgehmoe.server.scheduler import Scheduler
 
-    from edgehmoe.model.inference import evaluate_models, load_models
+    from edgehmoe.data.partition import load_shard
 
     # Prepare
     f = fed(3)
     cfg = f.config(f"t-{kind}-{mode}", kind=kind, rounds=4, mode=mode)
+    counts = {dev: load_shard(shard).class_counts() for dev, shard in zip(f.devices, f.shards)}
     f.start_clients(cfg.run.name)
     # Execute
-    rows = AggregationServer(cfg).run()
+    server = AggregationServer(cfg)
+    rows = server.run()
     # Assert
     out = Path(cfg.run.out)
-    assert [r["round"] for r in rows_of(out)] == [0, 1, 2, 3]
+    assert rows_of(out) == rows and [r["round"] for r in rows] == [0, 1, 2, 3]
     state = json.loads((out / "state.json").read_text())
-    assert state["round"] == 4 and len(state["devices"]) == 3
+    assert state["round"] == 4 and sorted(d["device_id"] for d in state["devices"]) == f.devices
+    # every device trains on exactly its samples under the node (the FedAvg weight)
+    under = Scheduler(server.tree, kind).samples_under
     for r in rows:
-        assert r["devices_answered"] >= 1 and r["devices_answered"] == r["devices_asked"]
+        assert r["devices_answered"] == r["devices_asked"] == 3
+        assert r["outcomes"] == {dev: "ok" for dev in f.devices}
         for d in r["per_device"]:
-            assert d["round_time_ms"] > 0 and d["peak_rss_mb"] > 0 and d["num_examples"] > 0
+            assert d["num_examples"] == under(d["node"], counts[d["device"]])
+            assert d["round_time_ms"] > 0 and d["peak_rss_mb"] > 0
     if mode == "parallel":  # several experts advance in one round
         assert any(len(r["updated"]) > 1 for r in rows)
-    assert "val_info_f1" in rows[1] and "val_info_f1" in rows[3]
-    hm, fm, md = load_models(out)
-    assert md.kinds == [kind]
-    from edgehmoe.data import load_dataset
-
-    test = load_dataset(DATASET, "test")
-    m = evaluate_models(hm, fm, test.x, test.y)
-    assert 0.0 <= m["info_f1"] <= 1.0 and m["num_examples"] == len(test)
+    # eval.every = 2: validation after rounds 2 and 4 only
+    assert ["val_info_f1" in r for r in rows] == [False, True, False, True]
+    # The last row scores the weights it committed: the run directory, evaluated from outside
+    # on the same val split, gives the same info-F1 and top-1.
+    m = evaluate_cli(out, cfg)
+    assert m["model"] == kind and m["num_examples"] == len(server.val)
+    assert rows[-1]["val_info_f1"] == pytest.approx(m["info_f1"], abs=1e-6)
+    assert rows[-1]["val_top1"] == pytest.approx(m["top1"], abs=1e-6)
 
 
 def _fake_device(url, user, password, run, class_counts, reply, stop: threading.Event, seen: list):
