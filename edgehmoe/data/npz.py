@@ -39,6 +39,7 @@ from edgehmoe.data.base import (
     resolve_hierarchy,
     to_rgb_uint8,
 )
+from edgehmoe.data.finecoarse import fine_coarse_source, read_meta_json
 
 __all__ = ["open_npz", "read_fine_coarse_npz", "read_npz_arrays"]
 
@@ -201,8 +202,6 @@ def open_npz(path: str | Path, *, hierarchy: str | Path | Hierarchy | None = Non
         return source.train
 
     if "fine" in arrays and "coarse" in arrays:
-        from edgehmoe.data.cifar100 import fine_coarse_source, read_meta_json
-
         x, fine, coarse = _fine_coarse(arrays, path)
         meta_path = path.with_name("meta.json")
         meta = read_meta_json(meta_path) if meta_path.is_file() else None
