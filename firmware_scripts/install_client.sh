@@ -41,7 +41,7 @@ usage() {
     cat <<EOF
 Usage: $PROG [--from-boot DIR] [--broker URL] [--device-id ID] [--data SHARD.npz]
        [--memory-budget-mb N|auto] [--username U --password-file F] [--cafile F]
-       [--pip-spec SPEC] [--upgrade] [--root DIR] [--no-install] [--dry-run]
+       [--pip-spec SPEC] [--upgrade] [--root DIR] [--no-install] [--no-enable] [--dry-run]
 
 Install or update the edgehmoe client service on this Raspberry Pi (64-bit OS only). Run as root.
 Settings come from, in increasing priority: the existing /etc/edgehmoe/client.env, the
@@ -62,6 +62,9 @@ provisioning directory given by --from-boot (what flash_sd.sh wrote to the card)
   --root DIR             install into DIR instead of / (image building, tests); no apt, pip,
                          systemctl or account changes are made there
   --no-install           write configuration and unit only; skip apt, pip and systemctl
+  --no-enable            do everything (apt, pip, account, files, unit) except what needs a
+                         booted systemd: no daemon-reload, enable or (re)start of the unit.
+                         For a chroot or container with no systemd running (tools/pi_userland.sh)
   --dry-run              print what would change; change nothing
   -h, --help             this help
 EOF
@@ -76,7 +79,7 @@ need_value() { if [ "$#" -lt 2 ] || [ -z "$2" ]; then usage_error "option $1 nee
 # Arguments
 # ------------------------------------------------------------------------------------------
 ROOT=/ FROM_BOOT="" OPT_BROKER="" OPT_DEVICE_ID="" OPT_DATA="" OPT_BUDGET="" OPT_USERNAME=""
-OPT_PASSWORD_FILE="" OPT_CAFILE="" PIP_SPEC=$DEFAULT_PIP_SPEC UPGRADE=0 NO_INSTALL=0 DRY_RUN=0
+OPT_PASSWORD_FILE="" OPT_CAFILE="" PIP_SPEC=$DEFAULT_PIP_SPEC UPGRADE=0 NO_INSTALL=0 NO_ENABLE=0 DRY_RUN=0
 while [ "$#" -gt 0 ]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
@@ -93,6 +96,7 @@ while [ "$#" -gt 0 ]; do
         --upgrade) UPGRADE=1; shift ;;
         --root) need_value "$@"; ROOT=$2; shift 2 ;;
         --no-install) NO_INSTALL=1; shift ;;
+        --no-enable) NO_ENABLE=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         *) usage_error "unknown argument '$1'" ;;
     esac
@@ -491,17 +495,21 @@ if [ "$DO_SYSTEM" = 1 ]; then
     fi
     [ -x "$VENV/bin/edgehmoe-client" ] || die "$VENV/bin/edgehmoe-client is missing after pip install"
 
-    if [ "$UNIT_CHANGED" = 1 ]; then systemctl daemon-reload; fi
-    if ! systemctl -q is-enabled "$UNIT_NAME" 2>/dev/null; then
-        systemctl enable "$UNIT_NAME"
-        CHANGED=$((CHANGED + 1))
-    fi
-    if [ "$SERVICE_INPUTS_CHANGED" = 1 ]; then
-        systemctl restart --no-block "$UNIT_NAME"
-        info "(re)started $UNIT_NAME"
-    elif ! systemctl -q is-active "$UNIT_NAME"; then
-        systemctl start --no-block "$UNIT_NAME"
-        info "started $UNIT_NAME"
+    if [ "$NO_ENABLE" = 1 ]; then
+        info "--no-enable: skipped systemctl daemon-reload, enable and start of $UNIT_NAME (needs a booted systemd); the unit file is written"
+    else
+        if [ "$UNIT_CHANGED" = 1 ]; then systemctl daemon-reload; fi
+        if ! systemctl -q is-enabled "$UNIT_NAME" 2>/dev/null; then
+            systemctl enable "$UNIT_NAME"
+            CHANGED=$((CHANGED + 1))
+        fi
+        if [ "$SERVICE_INPUTS_CHANGED" = 1 ]; then
+            systemctl restart --no-block "$UNIT_NAME"
+            info "(re)started $UNIT_NAME"
+        elif ! systemctl -q is-active "$UNIT_NAME"; then
+            systemctl start --no-block "$UNIT_NAME"
+            info "started $UNIT_NAME"
+        fi
     fi
 elif [ "$NO_INSTALL" = 1 ] || [ "$REAL_SYSTEM" = 0 ]; then
     info "skipped apt, pip and systemctl (--no-install or --root)"
@@ -513,7 +521,7 @@ fi
 if [ -n "$FROM_BOOT" ] && [ "$DRY_RUN" = 0 ] && { [ "$DO_SYSTEM" = 1 ] || [ "$REAL_SYSTEM" = 0 ]; }; then
     rm -f -- "$FROM_BOOT/mqtt-password" "$FROM_BOOT/shard.npz"
     printf 'edgehmoe client installed; settings now live in %s/client.env\n' "$ETC" >"$FROM_BOOT/installed"
-    if [ "$DO_SYSTEM" = 1 ]; then systemctl disable edgehmoe-firstboot.service 2>/dev/null || true; fi
+    if [ "$DO_SYSTEM" = 1 ] && [ "$NO_ENABLE" = 0 ]; then systemctl disable edgehmoe-firstboot.service 2>/dev/null || true; fi
 fi
 
 if [ "$DRY_RUN" = 1 ]; then
