@@ -1,14 +1,20 @@
-"""Summaries of finished runs: the seed paper's Table 1, ``summary.json`` and plots."""
+"""Summaries of finished runs: the seed paper's Table 1, ``summary.json`` and plots.
+
+Plots (:func:`plot_run`): validation info-F1 per round (``info_f1_per_round.png``), the same
+curves against cumulative client compute — seconds of device training summed over devices
+and rounds, the axis of the equal-compute comparison — (``info_f1_per_client_compute.png``),
+and time / memory per expert with the flat model as reference (``cost_per_expert.png``).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
-__all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run"]
+__all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +57,34 @@ def _val_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
     return out
 
 
+# Dataset kinds whose name says which data it is; for the others the file name does.
+_NAMED_KINDS = ("cifar100", "tinyimagenet", "synthetic")
+
+
+def dataset_label(spec: str, max_len: int = 32) -> str:
+    """A short name for a dataset spec, for titles: ``cifar100``, ``synthetic``, ``npz:train.npz``.
+
+    The spec's path (and synthetic options) are dropped; the summary keeps the full spec.
+    """
+    kind, _, arg = str(spec).strip().partition(":")
+    key = kind.strip().lower().replace("-", "").replace("_", "")
+    if key in _NAMED_KINDS or not arg.strip():
+        label = kind.strip()
+    else:
+        label = f"{kind.strip()}:{PurePath(arg.strip()).name}"
+    return label if len(label) <= max_len else label[: max_len - 1] + "…"
+
+
 def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, flat: dict | None) -> dict:
-    """``hmoe``/``flat``: dicts with keys rows, metrics (held-out), params, tree, heldout_split."""
+    """``hmoe``/``flat``: dicts with keys rows, metrics (held-out), params, tree, heldout_split
+    and optionally heldout_description (how that split was made, for the Table 1 header)."""
     s: dict = {"dataset": dataset, "rounds": rounds, "clients": clients}
+    for entry in (hmoe, flat):
+        if entry is not None and entry.get("heldout_split"):
+            s["heldout_split"] = entry["heldout_split"]
+            if entry.get("heldout_description"):
+                s["heldout_description"] = entry["heldout_description"]
+            break
     if flat is not None:
         costs = per_node_costs(flat["rows"]).get(-1, {})
         s["flat"] = {
@@ -96,7 +127,6 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             "experts_never_trained": [e["name"] for e in experts if e["device_rounds"] == 0],
         }
     if flat is not None and hmoe is not None:
-        s["heldout_split"] = hmoe.get("heldout_split", flat.get("heldout_split"))
         # Equal total client compute: flat's validation info-F1 interpolated (linearly in
         # cumulative client time, between its evaluated rounds; from 0 compute = no skill)
         # at what the whole HMoE run spent. Extrapolation is not attempted.
@@ -131,8 +161,11 @@ def format_table(s: dict) -> str:
     """The seed paper's Table 1 for this run (plus median and root rows)."""
     flat = s.get("flat", {})
     ft, fm = flat.get("round_time_ms"), flat.get("round_mem_mb")
+    split = s.get("heldout_split", "n/a")
+    if s.get("heldout_description"):
+        split = f"{split} ({s['heldout_description']})"
     lines = [
-        f"Table 1 — {s['dataset']}, {s['clients']} clients, {s['rounds']} rounds, held-out split: {s.get('heldout_split', 'n/a')}",
+        f"Table 1 — {s['dataset']}, {s['clients']} clients, {s['rounds']} rounds, held-out split: {split}",
         f"{'model':<22}{'info-F1':>9}{'time/round ms':>15}{'% flat':>8}{'mem/round MB':>14}{'% flat':>8}{'params':>10}",
     ]
     if flat:
@@ -183,8 +216,18 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_run(s: dict, out_dir: Path) -> list[Path]:
-    """info-F1 per round, and time / memory per expert with the flat model as reference."""
+    """info-F1 per round and against cumulative client compute, and time / memory per expert
+    with the flat model as reference (see the module docstring for the file names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,22 +235,35 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = dataset_label(s["dataset"])
     paths = []
+    curves = [(kind, style, s.get(kind, {}).get("val_curve") or []) for kind, style in (("flat", "o-"), ("hmoe", "s-"))]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style in (("flat", "o-"), ("hmoe", "s-")):
-        curve = s.get(kind, {}).get("val_curve") or []
+    for kind, style, curve in curves:
         if curve:
             ax.plot([c[0] for c in curve], [c[2] for c in curve], style, label=kind)
     ax.set_xlabel("round")
     ax.set_ylabel("validation info-F1")
-    ax.set_title(f"{s['dataset']}: info-F1 per round")
+    ax.set_title(f"{name}: info-F1 per round")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    p = out_dir / "info_f1_per_round.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / "info_f1_per_round.png"))
+
+    # A flat round costs many expert rounds, so rounds mislead; cumulative client compute is
+    # the axis of the equal-compute comparison (build_summary's "equal_compute").
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style, curve in curves:
+        if curve:
+            ax.plot([c[1] / 1000.0 for c in curve], [c[2] for c in curve], style, label=kind)
+    hmoe_total = s.get("hmoe", {}).get("total_client_ms")
+    if s.get("flat") and hmoe_total:
+        ax.axvline(hmoe_total / 1000.0, color="gray", ls=":", label="HMoE's total")
+    ax.set_xlabel("cumulative client compute (s of device training, summed)")
+    ax.set_ylabel("validation info-F1")
+    ax.set_title(f"{name}: info-F1 per client compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "info_f1_per_client_compute.png"))
     h = s.get("hmoe")
     if h:
         trained = [e for e in h["experts"] if e["round_time_ms"] is not None]
@@ -225,10 +281,6 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
                     ax.set_xticklabels([e["name"][:14] for e in es], rotation=70, fontsize=7)
                 ax.set_ylabel(label)
                 ax.legend()
-            fig.suptitle(f"{s['dataset']}: per-round client cost per expert")
-            fig.tight_layout()
-            p = out_dir / "cost_per_expert.png"
-            fig.savefig(p, dpi=120)
-            plt.close(fig)
-            paths.append(p)
+            fig.suptitle(f"{name}: per-round client cost per expert")
+            paths.append(_save(fig, out_dir / "cost_per_expert.png"))
     return paths

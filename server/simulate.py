@@ -12,7 +12,9 @@
 4. evaluates on the held-out split (the official test split when the dataset has one,
    else the validation part of train), merges both models into ``runs/NAME`` (a model
    directory ``edgehmoe evaluate`` and ``edgehmoe export`` read), exports the ONNX bundle to
-   ``runs/NAME/bundle/``, writes ``summary.json`` and plots, and prints Table 1.
+   ``runs/NAME/bundle/`` (when an HMoE was trained: a bundle is the expert chain, with the
+   flat model beside it; a flat-only run says so and exports none), writes ``summary.json``
+   and plots, and prints Table 1.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from edgehmoe.server.config import RunConfig
 from edgehmoe.server.report import build_summary, format_table, load_rows, plot_run
 
-__all__ = ["simulate", "heldout_split"]
+__all__ = ["simulate", "heldout_split", "describe_heldout"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,23 @@ def heldout_split(spec: str, val_fraction: float, seed: int) -> str:
         return "test"
     except DatasetError:
         return "val"
+
+
+_TEST_SPLITS = {
+    "cifar100": "the official CIFAR-100 test set",
+    "tinyimagenet": "Tiny ImageNet's official val/ folder (its test set has no labels)",
+    "synthetic": "generated on another random stream of the spec's seed",
+}
+
+
+def describe_heldout(spec: str, split: str, val_fraction: float, seed: int) -> str:
+    """How the held-out ``split`` of ``spec`` was made, for the Table 1 header."""
+    from edgehmoe.data import parse_spec
+
+    if split == "val":
+        return f"{100.0 * val_fraction:g}% of train held out per class, seed {seed}"
+    kind, _ = parse_spec(spec)
+    return _TEST_SPLITS.get(kind, f"the dataset's {split} split")
 
 
 def _start_broker(out: Path, device_ids: list[str]):
@@ -198,12 +217,18 @@ def simulate(
 
     split = heldout_split(dataset, base.run.val_fraction, seed)
     test = load_dataset(dataset, split, val_fraction=base.run.val_fraction, seed=seed)
-    results = _evaluate_phases(phases, test, split)
+    results = _evaluate_phases(phases, test, split, describe_heldout(dataset, split, base.run.val_fraction, seed))
     _merge_model_dir(out, phases)
     summary = build_summary(dataset, rounds, clients, results.get("hmoe"), results.get("flat"))
     summary["partition"] = partition
     summary["wall_seconds"] = round(time.time() - t0, 1)
-    if export:
+    if export and "hmoe" not in phases:
+        # A bundle is the expert chain (the flat model travels beside it); there is none here.
+        summary["bundle"] = None
+        print_fn("[simulate] no ONNX bundle exported: a bundle is the HMoE expert chain (the flat model goes "
+                 "beside it in a --model both run) and this run trained the flat model only; evaluate it with "
+                 f"`edgehmoe evaluate --model-dir {out} --model flat`")
+    elif export:
         summary["bundle"] = _export(out)
     from edgehmoe.core.checkpoint import atomic_write_json
 
@@ -215,7 +240,7 @@ def simulate(
     return summary
 
 
-def _evaluate_phases(phases: dict[str, Path], test, split: str) -> dict:
+def _evaluate_phases(phases: dict[str, Path], test, split: str, description: str = "") -> dict:
     import torch
 
     from edgehmoe.model.inference import evaluate_models, load_models
@@ -224,7 +249,7 @@ def _evaluate_phases(phases: dict[str, Path], test, split: str) -> dict:
     results = {}
     for kind, d in phases.items():
         hm, fm, md = load_models(d)
-        entry = {"rows": load_rows(d), "tree": md.hierarchy, "heldout_split": split}
+        entry = {"rows": load_rows(d), "tree": md.hierarchy, "heldout_split": split, "heldout_description": description}
         if kind == "hmoe":
             entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which="hmoe")
             entry["metrics_beam2"] = evaluate_models(hm, fm, test.x, test.y, which="hmoe", beam=2)

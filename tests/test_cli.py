@@ -57,14 +57,17 @@ def test_fit_refuses_to_overwrite(fitted, capsys):
     [
         (["evaluate", "--model-dir", "/nonexistent", "--dataset", TINY], "not an edgehmoe model directory"),
         (["evaluate", "--model-dir", "x", "--dataset", "imagenet:/x"], "imagenet"),
-        (["evaluate", "--model-dir", "x", "--dataset", "cifar100:/nonexistent/dir"], "/nonexistent/dir"),
-        (["evaluate", "--model-dir", "x", "--dataset", "tinyimagenet:/nonexistent"], "/nonexistent"),
+        # the model is checked before the data (it is cheaper), so these need a real one
+        (["evaluate", "--model-dir", "FITTED", "--dataset", "cifar100:/nonexistent/dir"], "/nonexistent/dir"),
+        (["evaluate", "--model-dir", "FITTED", "--dataset", "tinyimagenet:/nonexistent"], "/nonexistent"),
         (["hierarchy", "show", "--csv", "/nonexistent.csv"], "does not exist"),
         (["partition", "--dataset", TINY, "--num-devices", "2", "--scheme", "dirichlet:-1", "--out", "/tmp/x"], "alpha"),
         (["partition", "--dataset", TINY, "--num-devices", "2", "--scheme", "zipf", "--out", "/tmp/x"], "iid"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, message, capsys):
+def test_bad_input_is_one_clear_line(args, message, capsys, request):
+    if "FITTED" in args:
+        args = [str(request.getfixturevalue("fitted")) if a == "FITTED" else a for a in args]
     code, _, err = run_cli(["-q", *args], capsys)
     assert code == 2
     assert err.startswith("edgehmoe: error:") and message in err
@@ -117,3 +120,54 @@ def test_bundle_evaluation_matches_model_dir_and_rejects_other_classes(fitted, t
     other = "synthetic:coarse=2,fine=4,per_class=5,test_per_class=2,size=16"
     code, _, err = run_cli(["-q", "evaluate", "--bundle", str(bundle), "--dataset", other], capsys)
     assert code == 2 and "classes" in err
+
+
+@pytest.fixture
+def data_loads(monkeypatch):
+    """Records every dataset load the CLI starts (then loads it as usual)."""
+    import edgehmoe.cli.bundle as cli_bundle
+    import edgehmoe.cli.main as cli_main
+
+    calls = []
+    real = cli_main.load_data
+
+    def spy(args, split=None):
+        calls.append(args.dataset)
+        return real(args, split)
+
+    monkeypatch.setattr(cli_main, "load_data", spy)
+    monkeypatch.setattr(cli_bundle, "load_data", spy)
+    return calls
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--model-dir", "not an edgehmoe model directory"),
+    ("--bundle", "does not exist"),
+])
+def test_evaluate_checks_the_model_before_loading_data(flag, message, tmp_path, data_loads, capsys):
+    # Execute: a model that is not there, a dataset that would be generated first
+    code, _, err = run_cli(["-q", "evaluate", flag, str(tmp_path / "missing"), "--dataset", TINY], capsys)
+    # Assert: the one-line error names the missing model, and no data was loaded for it
+    assert code == 2 and message in err and str(tmp_path / "missing") in err
+    assert data_loads == []
+
+
+def test_evaluate_checks_an_unreadable_model_json_before_loading_data(tmp_path, data_loads, capsys):
+    (tmp_path / "model.json").write_text("{not json")
+    code, _, err = run_cli(["-q", "evaluate", "--model-dir", str(tmp_path), "--dataset", TINY], capsys)
+    assert code == 2 and "not valid JSON" in err
+    assert data_loads == []
+
+
+def test_bundle_commands_check_the_model_before_loading_data(tmp_path, data_loads, capsys):
+    from edgehmoe.cli.bundle import main as bundle_main
+
+    missing = str(tmp_path / "missing")
+    code = bundle_main(["evaluate", "--bundle", missing, "--dataset", TINY])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    tree = tmp_path / "tree.csv"
+    tree.write_text("parent,child\n")
+    code = bundle_main(["extend", "--model-dir", missing, "--hierarchy", str(tree), "--dataset", TINY,
+                        "--out", str(tmp_path / "new")])
+    assert code == 2 and "not an edgehmoe model directory" in capsys.readouterr().err
+    assert data_loads == []
