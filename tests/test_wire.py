@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import struct
 
@@ -421,3 +422,69 @@ def test_task_preprocess_defaults_and_checks() -> None:
         encode(make_task(preprocess={"mean": [0.5, 0.5], "std": [0.2]}))
     with pytest.raises(WireError, match="not JSON-serialisable"):
         encode(make_task(preprocess={"mean": [np.float32(0.5)]}))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #10: decode raises WireError and nothing else, whatever a device sends
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_dtype", [["F32"], {"F32": 1}, None, 4, True])
+@pytest.mark.parametrize("make", [make_hello, make_result], ids=["hello", "result"])
+def test_issue10_row1_non_string_dtype_is_a_wire_error(make, bad_dtype) -> None:
+    # Row 1: '"dtype": ["F32"]' (or a dict) on a hello/result topic raised TypeError
+    # (unhashable type) out of decode, which the server did not catch and exited.
+    msg = make()
+    payload = encode(msg)
+    header = header_of(payload)
+    name = "a/class_counts" if isinstance(msg, Hello) else "w/conv.weight"
+    header[name]["dtype"] = bad_dtype
+    with pytest.raises(WireError, match=f"tensor '{name}': dtype .* not allowed"):
+        decode(with_header(payload, header), expect=type(msg))
+
+
+def test_issue10_huge_int_in_a_float_field_is_a_wire_error() -> None:
+    # float(10**400) raises OverflowError; JSON allows such ints.
+    payload = with_fields(encode(make_result()), loss=10**400)
+    with pytest.raises(WireError, match="TrainResult.loss is too large for a float"):
+        decode(payload)
+
+
+def test_issue10_header_must_be_utf8() -> None:
+    payload = encode(Status(device_id="dev-a", state="idle", round=1, detail=""))
+    header_text = json.dumps(header_of(payload))
+    for raw in (header_text.encode("utf-16"), header_text.encode()[:-1] + b"\xff}",
+                b"\xef\xbb\xbf" + header_text.encode()):
+        forged = struct.pack("<Q", len(raw)) + raw
+        with pytest.raises(WireError, match="header is not valid JSON"):
+            decode(forged)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000])
+def test_issue10_deeply_nested_header_is_a_wire_error(text: str) -> None:
+    raw = text.encode()
+    with pytest.raises(WireError, match="not valid JSON|not a JSON object|__metadata__"):
+        decode(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("offsets", [[-4, 0], [0, -1], [2**64, 2**64 + 16], [0, 10**300], [0.0, 16], ["0", "16"],
+                                     None, [0], [0, 16, 32]])
+def test_issue10_bad_data_offsets_are_wire_errors(offsets) -> None:
+    payload = encode(make_result(weights={"a": np.zeros(4, np.float32)}))
+    header = header_of(payload)
+    header["w/a"]["data_offsets"] = offsets
+    with pytest.raises(WireError, match="data_offsets"):
+        decode(with_header(payload, header))
+
+
+def test_issue10_decode_guard_turns_a_decoder_bug_into_a_wire_error(monkeypatch, caplog) -> None:
+    # Defence in depth: were a check ever to raise something else, the payload is still refused
+    # with a WireError (the server keeps running) and the bug is logged at ERROR.
+    def broken(*args, **kwargs):
+        raise KeyError("simulated decoder bug")
+
+    monkeypatch.setattr(wire, "_check_tensor_entries", broken)
+    with caplog.at_level(logging.ERROR, logger=wire.__name__):
+        with pytest.raises(WireError, match="malformed payload \\(KeyError"):
+            decode(encode(make_result()))
+    assert [r.levelno for r in caplog.records if "wire.decode bug" in r.getMessage()] == [logging.ERROR]

@@ -13,6 +13,12 @@ header size, tensor count, dtypes, shapes, offsets, message type, protocol versi
 fields and their types, finite floats.  Only then does safetensors load the arrays.  Nothing is
 ever unpickled.  See ``docs/protocol.md`` for topics, QoS and versioning.
 
+:func:`decode` is fed bytes from the network (a device credential is enough to publish them), so
+its contract is strict: for ANY byte string it returns a message or raises :class:`WireError`,
+never another exception.  Every check is explicit (types are tested before values are hashed,
+compared or converted); a last-resort guard turns anything unforeseen into a :class:`WireError`
+as well and logs it as a decoder bug (``tests/test_wire_fuzz.py`` fails if the guard ever fires).
+
 This module is part of the numpy core: it imports numpy, safetensors and the standard library
 only (no torch, no paho).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import struct
@@ -30,6 +37,8 @@ from typing import Any, Dict, Optional, Type, TypeVar, Union
 import numpy as np
 
 from edgehmoe.errors import EdgeHmoeError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -293,7 +302,10 @@ def _check_scalar(type_name: str, name: str, kind: str, value: Any) -> Any:
     if kind == "float":
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise WireError(f"{where} must be a number, got {type(value).__name__}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int with hundreds of digits
+            raise WireError(f"{where} is too large for a float") from None
         if not math.isfinite(value):
             raise WireError(f"{where} must be finite, got {value}")
         return value
@@ -447,6 +459,9 @@ def _reject_constant(name: str) -> None:
 
 def _loads(text: Union[str, bytes], what: str) -> Any:
     try:
+        if isinstance(text, bytes):
+            # Strict UTF-8, as safetensors reads it: json.loads(bytes) would also accept UTF-16/32.
+            text = text.decode("utf-8")
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
     except WireError:
         raise
@@ -485,7 +500,8 @@ def _check_tensor_entries(
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         tag = entry["dtype"]
-        if tag not in _DTYPES:
+        # isinstance first: a list or dict tag is unhashable, and `in` would raise TypeError.
+        if not isinstance(tag, str) or tag not in _DTYPES:
             raise WireError(
                 f"tensor {name!r}: dtype {tag!r} not allowed (allowed: {', '.join(_DTYPES)})"
             )
@@ -544,8 +560,28 @@ def decode(
     :param expect: if given, the message class the caller expects (e.g. :class:`TrainResult` on a
         result topic); any other type is rejected.
     :raises WireError: with the reason, for anything malformed, oversized, of an unexpected type
-        or of another protocol version.
+        or of another protocol version; never any other exception, whatever the bytes.
     """
+    try:
+        return _decode(payload, max_bytes, expect, max_header_bytes, max_tensors, max_elements)
+    except WireError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the contract: network bytes never raise anything else
+        # Reaching this is a bug in the checks above (tests/test_wire_fuzz.py watches for this
+        # log record); the payload is still refused, so one bad device cannot stop the server.
+        logger.error("wire.decode bug: unexpected %s for a %s-byte payload; refused it",
+                     type(err).__name__, len(payload) if hasattr(payload, "__len__") else "?", exc_info=True)
+        raise WireError(f"malformed payload ({type(err).__name__}: {err})") from err
+
+
+def _decode(
+    payload: Union[bytes, bytearray, memoryview],
+    max_bytes: int,
+    expect: Optional[Type[M]],
+    max_header_bytes: int,
+    max_tensors: int,
+    max_elements: int,
+) -> Any:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError(f"payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
