@@ -32,12 +32,9 @@ import torch
 
 from edgehmoe.core.checkpoint import CheckpointError
 from edgehmoe.core.hierarchy import Hierarchy
-from edgehmoe.edge.runtime import (
-    BundleError,
-    BundlePredictor,
-    FlatPredictor,
-    read_manifest,
-)
+from edgehmoe.edge.manifest import BundleError, read_manifest
+from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
+from edgehmoe.errors import UsageError
 from edgehmoe.export.bundle import (
     ParityError,
     check_parity_dirs,
@@ -47,7 +44,7 @@ from edgehmoe.export.bundle import (
 )
 from edgehmoe.model.arch import ArchSpec, build_model, count_params, flat_spec
 from edgehmoe.model.central import new_model_dir
-from edgehmoe.model.inference import evaluate_models
+from edgehmoe.model.inference import evaluate_models, load_models
 from edgehmoe.model.training import predict_logits, state_arrays
 
 SIZE = 16
@@ -297,3 +294,51 @@ def test_run_directory_exports_like_a_model_directory(tmp_path):
     m = read_manifest(tmp_path / "b")
     assert m["flat"] is None and len(m["experts"]) == 1
     assert m["parity"]["worst"] <= 1e-4
+
+
+def test_beam_together_with_a_threshold_is_rejected_by_every_caller(exported):
+    # Prepare
+    from edgehmoe.cli.bundle import evaluate_bundle
+
+    md, bundle = exported
+    hm, fm = load_torch_models(md.path)
+    chain = BundlePredictor(bundle)
+    x = _images(4)
+    y = np.zeros(4, dtype=np.int64)
+    calls = {
+        "evaluate_models": lambda: evaluate_models(hm, fm, x, y, which="hmoe", beam=2, threshold=0.3),
+        "evaluate_models flat": lambda: evaluate_models(hm, fm, x, y, which="flat", beam=2, threshold=0.3),
+        "evaluate_bundle": lambda: evaluate_bundle(bundle, x, y, model="hmoe", beam=2, threshold=0.3),
+        "HierarchicalModel.predict": lambda: hm.predict(x, beam=2, threshold=0.3),
+        "BundlePredictor.predict": lambda: chain.predict(x, beam=2, threshold=0.3),
+        "BundlePredictor.explain": lambda: chain.explain(x, beam=2, threshold=0.3),
+    }
+    # Execute / Assert: one message from the one decode path.
+    for what, call in calls.items():
+        with pytest.raises(UsageError, match="choose either --beam or --threshold, not both"):
+            call()
+            pytest.fail(what)
+
+
+def test_model_dirs_with_one_element_batchnorm_counters_load_and_export(tmp_path):
+    # Prepare: model directories written before checkpoint.contiguous_arrays stored
+    # BatchNorm's 0-d num_batches_tracked as shape (1,).
+    tree = Hierarchy([-1, 0, 0], ["root", "x", "y"], [-1, 0, 1])
+    md = new_model_dir(tmp_path / "old", tree, 8, [0.5] * 3, [0.25] * 3, "unit-test")
+    spec = ArchSpec(width=4, num_outputs=2, input_size=8)
+    torch.manual_seed(0)
+    m = build_model(spec)
+    arrays = {k: (v.reshape(1) if v.ndim == 0 else v) for k, v in state_arrays(m).items()}
+    assert sum(v.shape == (1,) for v in arrays.values()) == 3
+    md.write_expert(0, spec.to_dict(), arrays, count_params(m))
+    md.save_json()
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    # Execute: the one loader serves evaluation and export.
+    hm, fm, _ = load_models(md.path)
+    manifest = export_bundle(md.path, tmp_path / "b")
+    # Assert
+    assert fm is None
+    np.testing.assert_array_equal(
+        predict_logits(hm.experts[0], x, md.mean, md.std), predict_logits(m.eval(), x, md.mean, md.std)
+    )
+    np.testing.assert_array_equal(BundlePredictor(manifest.parent).predict(x)[0], hm.predict(x))

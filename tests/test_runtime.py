@@ -26,12 +26,8 @@ from edgehmoe.cli.bundle import evaluate_bundle
 from edgehmoe.cli.bundle import main as bundle_main
 from edgehmoe.data.base import channel_stats
 from edgehmoe.data.synthetic import make_synthetic
-from edgehmoe.edge.runtime import (
-    BundleError,
-    BundlePredictor,
-    FlatPredictor,
-    make_session_options,
-)
+from edgehmoe.edge.manifest import BundleError
+from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor, make_session_options
 from edgehmoe.export.bundle import export_bundle, load_torch_models
 from edgehmoe.model.arch import expert_specs
 from edgehmoe.model.central import fit_flat, fit_hmoe, new_model_dir
@@ -147,6 +143,17 @@ def test_flat_predictor(trained):
     flat = FlatPredictor(bundle)
     np.testing.assert_array_equal(flat.predict(xt)[0], fm.predict(xt))
     np.testing.assert_array_equal(flat.predict_until(xt, 0.7)[0], fm.predict_until(xt, 0.7))
+    # The probability of a thresholded prediction is the softmax mass under the predicted node.
+    # With the median top probability as threshold, half the images keep their argmax leaf.
+    p = flat.predict_proba(xt)
+    tau = float(np.median(p.max(axis=1)))
+    nodes, probs = flat.predict(xt, threshold=tau)
+    leaves = flat.tree.class_to_node
+    mass = np.array([p[i, flat.tree.is_ancestor_or_self(np.full(len(leaves), n), leaves)].sum()
+                     for i, n in enumerate(nodes)])
+    np.testing.assert_allclose(probs[nodes != 0], mass[nodes != 0])
+    assert (probs[nodes != 0] >= tau).all() and (probs[nodes == 0] == 1.0).all()
+    np.testing.assert_array_equal(flat.tree.is_leaf[nodes], p.max(axis=1) >= tau)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

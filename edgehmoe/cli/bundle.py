@@ -132,13 +132,13 @@ def evaluate_bundle(
     the bundle are left out and counted in ``excluded_examples``. ``class_names`` (the
     dataset's, in class-id order), when given, must match the bundle's classes.
     """
-    from edgehmoe.core.metrics import evaluate
+    from edgehmoe.core.evaluation import evaluate_decoded, resolve_model
+    from edgehmoe.core.routing import check_decode
     from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
 
-    if model == "auto":
-        model = "hmoe"
-    if model not in ("hmoe", "flat"):
-        raise UsageError(f"unknown model {model!r}; valid: hmoe, flat")
+    # A bundle always holds the chain; a missing flat model is reported by FlatPredictor.
+    model = resolve_model(model, source="bundle")
+    check_decode(beam, threshold)
     pred_obj = (BundlePredictor(bundle, max_sessions=0, threads=threads) if model == "hmoe"
                 else FlatPredictor(bundle, threads=threads))
     if class_names is not None:
@@ -160,19 +160,8 @@ def evaluate_bundle(
     if excluded:
         logger.info("left out %d examples whose classes are not in the bundle", excluded)
         x, yb = x[keep], yb[keep]
-    preds = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        if model == "hmoe":
-            preds.append(pred_obj.predict(xb, beam=beam, threshold=threshold)[0])
-        else:
-            preds.append(pred_obj.predict_until(xb, threshold)[0] if threshold is not None else pred_obj.predict(xb)[0])
-    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    out = evaluate(pred_obj.tree, yb, pred)
-    out["model"] = model
-    out["beam"] = beam if model == "hmoe" else 1
-    if threshold is not None:
-        out["threshold"] = threshold
+    probs = pred_obj.expert_probs if model == "hmoe" else pred_obj.predict_proba
+    out = evaluate_decoded(pred_obj.tree, x, yb, model, probs, beam=beam, threshold=threshold, batch_size=batch_size)
     out["bundle"] = str(bundle)
     if excluded:
         out["excluded_examples"] = excluded
@@ -206,10 +195,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from edgehmoe.core.routing import check_decode
     from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
 
-    if args.beam > 1 and args.threshold is not None:
-        raise UsageError("choose either --beam or --threshold, not both")
+    check_decode(args.beam, args.threshold)  # before opening the bundle or reading any image
     if args.model == "flat":
         pred = FlatPredictor(args.bundle, threads=args.threads)
     else:
@@ -219,7 +208,7 @@ def cmd_predict(args) -> int:
     for i in range(0, len(x), args.batch_size):
         xb = x[i : i + args.batch_size]
         if args.model == "flat":
-            nodes, probs = pred.predict_until(xb, args.threshold) if args.threshold is not None else pred.predict(xb)
+            nodes, probs = pred.predict(xb, threshold=args.threshold)
             for n, p in zip(nodes.tolist(), probs.tolist()):
                 d = pred.describe_node(n)
                 d["probability"] = p
@@ -255,7 +244,7 @@ def cmd_bundle_subset(args) -> int:
 
 
 def cmd_bundle_verify(args) -> int:
-    from edgehmoe.edge.runtime import verify_bundle
+    from edgehmoe.edge.manifest import verify_bundle
 
     m = verify_bundle(args.bundle)
     n = len(m["experts"]) + (1 if m.get("flat") else 0)
@@ -265,7 +254,7 @@ def cmd_bundle_verify(args) -> int:
 
 def cmd_bundle_show(args) -> int:
     from edgehmoe.core.hierarchy import Hierarchy
-    from edgehmoe.edge.runtime import read_manifest
+    from edgehmoe.edge.manifest import read_manifest
 
     m = read_manifest(args.bundle)
     tree = Hierarchy.from_dict(m["hierarchy"])
@@ -284,6 +273,22 @@ def cmd_bundle_show(args) -> int:
     return 0
 
 
+def _check_before_loading_data(args, *, bundle: str | None = None, model_dir: str | None = None) -> None:
+    """Cheap checks first: a bad dataset spec or a missing or unreadable model must not wait
+    for the data to be loaded (or generated)."""
+    from edgehmoe.data import parse_spec
+
+    parse_spec(args.dataset)
+    if bundle is not None:
+        from edgehmoe.edge.manifest import read_manifest
+
+        read_manifest(bundle)
+    if model_dir is not None:
+        from edgehmoe.core.checkpoint import read_model_dir
+
+        read_model_dir(model_dir)
+
+
 def cmd_extend(args) -> int:
     import torch
 
@@ -291,6 +296,7 @@ def cmd_extend(args) -> int:
     from edgehmoe.model.training import TrainConfig
 
     torch.set_num_threads(args.threads)
+    _check_before_loading_data(args, model_dir=args.model_dir)
     ds = load_data(args)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="onecycle", seed=args.seed)
     report = extend_model(
@@ -303,6 +309,7 @@ def cmd_extend(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Standalone ``evaluate --bundle`` (the main CLI has its own ``evaluate``)."""
+    _check_before_loading_data(args, bundle=args.bundle)
     ds = load_data(args)
     m = evaluate_bundle(args.bundle, ds.x, ds.y, model=args.model, beam=args.beam, threshold=args.threshold,
                         threads=args.threads, class_names=list(ds.class_names))

@@ -141,7 +141,7 @@ def cmd_evaluate(args) -> int:
 
     parse_spec(args.dataset)
     if args.bundle:
-        from edgehmoe.edge.runtime import read_manifest
+        from edgehmoe.edge.manifest import read_manifest
 
         read_manifest(args.bundle)
     else:

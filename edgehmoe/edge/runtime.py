@@ -1,19 +1,14 @@
 """Torch-free prediction over an ONNX bundle: what a Raspberry Pi runs.
 
-A *bundle* is a folder written by :func:`edgehmoe.export.bundle.export_bundle` (or reduced by
-:func:`edgehmoe.export.bundle.subset_bundle`)::
-
-    BUNDLE/
-      manifest.json          # format version, tree, preprocessing, node -> file, sha256 of each file
-      experts/<node>.onnx    # one expert per internal node: float32 (N, 3, H, W) -> logits (N, k)
-      flat.onnx              # the flat baseline (optional): (N, 3, H, W) -> logits (N, classes)
-
-:class:`BundlePredictor` runs the chain of experts top-down through :mod:`edgehmoe.core.routing`
-(the same code path as the torch model), creating ONNX Runtime sessions lazily and keeping at
-most ``max_sessions`` of them alive (least recently used is dropped), so a device only holds
-the experts its samples' paths need. Every file's sha256 is checked against the manifest
-before it is used, so a missing or tampered file fails with :class:`BundleError` instead of
-producing silent garbage.
+The bundle format (``manifest.json`` and its checks) is :mod:`edgehmoe.edge.manifest`. This
+module holds the ONNX Runtime sessions and the predictors, which only supply probabilities:
+:class:`BundlePredictor` gives each expert's softmax to :func:`edgehmoe.core.routing.decode`
+(the same decode path as the torch model), creating ONNX Runtime sessions lazily and keeping
+at most ``max_sessions`` of them alive (least recently used is dropped), so a device only
+holds the experts its samples' paths need; :class:`FlatPredictor` gives the flat softmax to
+:func:`edgehmoe.core.routing.flat_decode`. Every file's sha256 is checked against the
+manifest before it is used, so a missing or tampered file fails with
+:class:`~edgehmoe.edge.manifest.BundleError` instead of producing silent garbage.
 
 This module imports numpy and onnxruntime only (plus the numpy core of edgehmoe): it works on
 a device without torch. Session defaults (one intra-op thread, sequential execution, CPU
@@ -23,8 +18,6 @@ these small convolutional models; see ``docs/inference.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,8 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from edgehmoe.core import routing
-from edgehmoe.core.hierarchy import Hierarchy, HierarchyError
-from edgehmoe.errors import EdgeHmoeError, MissingDependency, UsageError
+from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.edge.manifest import (
+    BundleError,
+    bundle_entries,
+    check_file,
+    read_manifest,
+    verify_bundle,
+)
+from edgehmoe.errors import MissingDependency, UsageError
 
 try:  # an optional dependency: fail at use with an install hint, not at import
     import onnxruntime as _ort
@@ -42,29 +42,13 @@ except ImportError:  # pragma: no cover - exercised only on installs without onn
     _ort = None
 
 __all__ = [
-    "BUNDLE_FORMAT",
-    "BUNDLE_FORMAT_VERSION",
-    "MANIFEST",
-    "BundleError",
     "BundlePredictor",
     "FlatPredictor",
-    "file_sha256",
     "make_session_options",
     "preprocess",
-    "read_manifest",
-    "verify_bundle",
 ]
 
 logger = logging.getLogger(__name__)
-
-BUNDLE_FORMAT = "edgehmoe-onnx-bundle"
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class BundleError(EdgeHmoeError, ValueError):
-    """A bundle is missing, incomplete, tampered with, or given input it cannot take."""
-
 
 # ---------------------------------------------------------------------- helpers
 def _require_ort():
@@ -74,18 +58,6 @@ def _require_ort():
             "(or `pip install 'edgehmoe[edge]'`)"
         )
     return _ort
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def preprocess(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -156,106 +128,6 @@ def make_session_options(
     return so
 
 
-# ---------------------------------------------------------------------- manifest
-def read_manifest(bundle_dir: str | Path) -> dict:
-    """Read and validate ``manifest.json`` (structure only; see :func:`verify_bundle` for files)."""
-    bundle_dir = Path(bundle_dir)
-    mpath = bundle_dir / MANIFEST
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle folder {bundle_dir} does not exist; create one with `edgehmoe export`")
-    if not mpath.is_file():
-        raise BundleError(
-            f"{bundle_dir} is not an edgehmoe ONNX bundle ({MANIFEST} missing); create one with "
-            "`edgehmoe export --model-dir DIR --out BUNDLE`"
-        )
-    try:
-        m = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
-    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
-        fmt = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise BundleError(f"{mpath} is not an edgehmoe bundle manifest (format={fmt!r})")
-    if m.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath} has format_version {m.get('format_version')!r}; this edgehmoe reads version "
-            f"{BUNDLE_FORMAT_VERSION} (re-export the bundle with this version)"
-        )
-    for key in ("hierarchy", "class_names", "class_ids", "input", "preprocess", "experts"):
-        if key not in m:
-            raise BundleError(f"{mpath} lacks the key {key!r}; re-export the bundle")
-    try:
-        tree = Hierarchy.from_dict(m["hierarchy"])
-    except HierarchyError as e:
-        raise BundleError(f"{mpath}: invalid tree: {e}") from None
-    if len(m["class_names"]) != tree.num_classes or len(m["class_ids"]) != tree.num_classes:
-        raise BundleError(
-            f"{mpath}: {len(m['class_names'])} class names and {len(m['class_ids'])} class ids "
-            f"for {tree.num_classes} leaves"
-        )
-    experts = m["experts"]
-    if not isinstance(experts, dict):
-        raise BundleError(f"{mpath}: 'experts' must map node ids to files")
-    missing = [int(n) for n in tree.internal_nodes if str(int(n)) not in experts]
-    if missing:
-        raise BundleError(
-            f"{mpath}: no expert for internal node(s) {missing[:10]} ({tree.names[missing[0]]!r}, ...); "
-            "the bundle is incomplete"
-        )
-    for key, entry in _entries(m):
-        for field in ("file", "sha256", "num_outputs"):
-            if field not in entry:
-                raise BundleError(f"{mpath}: entry {key!r} lacks {field!r}")
-        f = Path(entry["file"])
-        if f.is_absolute() or ".." in f.parts:
-            raise BundleError(f"{mpath}: entry {key!r} points outside the bundle ({entry['file']!r})")
-    for key, entry in experts.items():
-        node = int(key)
-        k = len(entry.get("outputs") or range(int(entry["num_outputs"])))
-        if node >= tree.num_nodes or tree.is_leaf[node]:
-            raise BundleError(f"{mpath}: expert {key} is not an internal node of the tree")
-        if k != tree.num_children[node]:
-            raise BundleError(
-                f"{mpath}: expert {node} ({tree.names[node]!r}) gives {k} outputs but the node has "
-                f"{tree.num_children[node]} children"
-            )
-    inp = m["input"]
-    if not isinstance(inp, dict) or len(inp.get("image_shape", [])) != 3:
-        raise BundleError(f"{mpath}: 'input' must give image_shape [H, W, C]")
-    return m
-
-
-def _entries(m: dict) -> list[tuple[str, dict]]:
-    out = [(f"expert {k}", v) for k, v in m["experts"].items()]
-    if m.get("flat"):
-        out.append(("flat", m["flat"]))
-    return out
-
-
-def _check_file(bundle_dir: Path, entry: dict, what: str, data: bytes | None = None) -> None:
-    path = bundle_dir / entry["file"]
-    if data is None:
-        if not path.is_file():
-            raise BundleError(f"{path} is missing ({what}); the bundle is incomplete: re-export or re-copy it")
-        digest = file_sha256(path)
-    else:
-        digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise BundleError(
-            f"{path} ({what}) does not match its sha256 in {MANIFEST} "
-            f"(expected {entry['sha256'][:16]}…, got {digest[:16]}…): the file was modified or "
-            "corrupted; re-export or re-copy the bundle"
-        )
-
-
-def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None) -> dict:
-    """Check that every file of the bundle exists and matches its sha256; returns the manifest."""
-    bundle_dir = Path(bundle_dir)
-    m = manifest if manifest is not None else read_manifest(bundle_dir)
-    for what, entry in _entries(m):
-        _check_file(bundle_dir, entry, what)
-    return m
-
-
 # ---------------------------------------------------------------------- predictors
 class _BundleBase:
     """Manifest, input checks and session creation shared by the chain and the flat model."""
@@ -268,7 +140,7 @@ class _BundleBase:
         if verify:
             verify_bundle(self.bundle_dir, self.manifest)
         else:
-            for what, entry in _entries(self.manifest):
+            for what, entry in bundle_entries(self.manifest):
                 if not (self.bundle_dir / entry["file"]).is_file():
                     raise BundleError(f"{self.bundle_dir / entry['file']} is missing ({what}); the bundle is incomplete")
         self.tree = Hierarchy.from_dict(self.manifest["hierarchy"])
@@ -316,7 +188,7 @@ class _BundleBase:
         except FileNotFoundError:
             raise BundleError(f"{path} is missing ({what}); the bundle is incomplete: re-export or re-copy it") from None
         if self.verify:  # hash exactly the bytes ONNX Runtime gets, not an earlier read
-            _check_file(self.bundle_dir, entry, what, data)
+            check_file(self.bundle_dir, entry, what, data)
         try:
             sess = _ort.InferenceSession(data, self._session_options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for invalid models
@@ -411,47 +283,41 @@ class BundlePredictor(_BundleBase):
         return self._logits(self.session(node), self.input_name, xp, self._experts[int(node)])
 
     def expert_probs_fn(self, xp: np.ndarray, record: dict | None = None) -> routing.ExpertProbs:
-        """The ``expert_probs(node, idx)`` callable of :mod:`edgehmoe.core.routing` over ``xp``.
+        """The ``expert_probs(node, idx)`` callable of :mod:`edgehmoe.core.routing` over
+        preprocessed ``xp``.
 
         With ``record``, each node's probabilities are also stored there
         (``record[node]`` is an ``(N, k)`` array, NaN where the node did not run) to explain
-        the path afterwards.
+        the path afterwards (:func:`edgehmoe.core.routing.explain_paths`).
         """
 
         def fn(node: int, idx: np.ndarray) -> np.ndarray:
-            p = _softmax(self.expert_logits(node, xp[idx]))
-            if record is not None:
-                if node not in record:
-                    record[node] = np.full((len(xp), p.shape[1]), np.nan)
-                record[node][idx] = p
-            return p
+            return _softmax(self.expert_logits(node, xp[idx]))
 
-        return fn
+        return fn if record is None else routing.record_expert_probs(fn, len(xp), record)
+
+    def expert_probs(self, x: np.ndarray) -> routing.ExpertProbs:
+        """``expert_probs(node, idx)`` over uint8 images ``x`` (checked and preprocessed once)."""
+        return self.expert_probs_fn(self.preprocess(x))
 
     # ------------------------------------------------------------ prediction
+    def predict(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(nodes, path_probability)`` through :func:`edgehmoe.core.routing.decode`:
+        thresholded descent if ``threshold`` is given, else beam (``beam > 1``) or greedy."""
+        return routing.decode(self.tree, len(x), self.expert_probs(x), beam=beam, threshold=threshold)
+
     def predict_greedy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Most probable child at each node down to a leaf: ``(nodes, path_probability)``."""
-        xp = self.preprocess(x)
-        return routing.predict_greedy(self.tree, len(xp), self.expert_probs_fn(xp))
+        return self.predict(x)
 
     def predict_beam(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Beam search of width ``k`` over root-to-leaf paths: ``(nodes, path_probability)``."""
-        xp = self.preprocess(x)
-        return routing.predict_beam(self.tree, len(xp), self.expert_probs_fn(xp), int(k))
+        return self.predict(x, beam=k)
 
     def predict_until(self, x: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
         """Greedy descent that stops at an internal node when the path probability would fall
         below ``tau``: ``(nodes, path_probability)``."""
-        xp = self.preprocess(x)
-        return routing.predict_until(self.tree, len(xp), self.expert_probs_fn(xp), float(tau))
-
-    def predict(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Dispatch: thresholded descent if ``threshold`` is given, else beam (``beam > 1``) or greedy."""
-        if threshold is not None:
-            if beam > 1:
-                raise UsageError("choose either a beam width or a threshold, not both")
-            return self.predict_until(x, threshold)
-        return self.predict_beam(x, beam) if beam > 1 else self.predict_greedy(x)
+        return self.predict(x, threshold=tau)
 
     def explain(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None, top: int = 3) -> list[dict]:
         """Prediction with its root path and per-step probabilities, one dict per image.
@@ -465,37 +331,13 @@ class BundlePredictor(_BundleBase):
         xp = self.preprocess(x)
         record: dict[int, np.ndarray] = {}
         fn = self.expert_probs_fn(xp, record)
-        tree = self.tree
-        n = len(xp)
-        if threshold is not None:
-            if beam > 1:
-                raise UsageError("choose either a beam width or a threshold, not both")
-            nodes, pp = routing.predict_until(tree, n, fn, float(threshold))
-        elif beam > 1:
-            nodes, pp = routing.predict_beam(tree, n, fn, int(beam))
-        else:
-            nodes, pp = routing.predict_greedy(tree, n, fn)
+        nodes, pp = routing.decode(self.tree, len(xp), fn, beam=beam, threshold=threshold)
         out = []
-        for i, node in enumerate(nodes.tolist()):
-            path = tree.path(node)
-            steps = [{"node": 0, "name": tree.names[0], "probability": 1.0, "path_probability": 1.0}]
-            cum = 1.0
-            for parent, child in zip(path[:-1], path[1:]):
-                p = float(record[parent][i, tree.child_index[child]])
-                cum *= p
-                steps.append({"node": child, "name": tree.names[child], "probability": p, "path_probability": cum})
-            # The last expert that ran for this sample: the predicted node itself when the
-            # descent stopped there (threshold), else the leaf's parent.
-            last = node if not tree.is_leaf[node] else int(tree.parents[node])
-            alts = []
-            if last >= 0 and last in record and np.isfinite(record[last][i]).all():
-                probs = record[last][i]
-                kids = tree.children(last)
-                for j in np.argsort(-probs, kind="stable")[:top]:
-                    alts.append({"node": int(kids[j]), "name": tree.names[kids[j]], "probability": float(probs[j])})
+        for i, (steps, alts) in enumerate(routing.explain_paths(self.tree, nodes, record, top)):
+            node = int(nodes[i])
             d = self.describe_node(node)
             if d["class_id"] is not None:
-                d["class_name"] = self.class_names[int(tree.leaf_class[node])]
+                d["class_name"] = self.class_names[int(self.tree.leaf_class[node])]
             d.update(probability=float(pp[i]), path=steps, alternatives=alts)
             out.append(d)
         return out
@@ -527,31 +369,15 @@ class FlatPredictor(_BundleBase):
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return _softmax(self.logits(x))
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Argmax leaf: ``(nodes, probability)``."""
-        p = self.predict_proba(x)
-        c = p.argmax(axis=1)
-        return self.tree.class_to_node[c], p[np.arange(len(p)), c]
+    def predict(self, x: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(nodes, probability)`` through :func:`edgehmoe.core.routing.flat_decode`: the argmax
+        leaf, or with ``threshold`` the deepest node on its path whose summed leaf probability
+        is >= threshold."""
+        return routing.flat_decode(self.tree, self.predict_proba(x), threshold)
 
     def predict_until(self, x: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
-        """Deepest node on the argmax leaf's path whose summed leaf probability is ≥ ``tau``.
-
-        Same rule as :meth:`edgehmoe.model.inference.FlatModel.predict_until`.
-        """
-        p = self.predict_proba(x)
-        tree = self.tree
-        leaf = tree.class_to_node[p.argmax(axis=1)]
-        out = np.zeros(len(p), dtype=np.int64)
-        mass_out = np.ones(len(p))
-        leaf_nodes = tree.class_to_node
-        for d in range(1, tree.max_depth + 1):
-            node_d = tree.ancestor_matrix[leaf, np.minimum(d, tree.depths[leaf])]
-            under = tree.is_ancestor_or_self(node_d[:, None], leaf_nodes[None, :])
-            mass = (p * under).sum(axis=1)
-            ok = mass >= tau
-            out = np.where(ok, node_d, out)
-            mass_out = np.where(ok, mass, mass_out)
-        return out, mass_out
+        """Deepest node on the argmax leaf's path whose summed leaf probability is ≥ ``tau``."""
+        return self.predict(x, threshold=tau)
 
     def close(self) -> None:
         self._session = None

@@ -51,17 +51,16 @@ from edgehmoe.core.checkpoint import (
     read_model_dir,
 )
 from edgehmoe.core.hierarchy import Hierarchy
-from edgehmoe.edge.runtime import (
+from edgehmoe.edge.manifest import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     MANIFEST,
     BundleError,
-    BundlePredictor,
-    FlatPredictor,
     file_sha256,
     read_manifest,
     verify_bundle,
 )
+from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
 
 __all__ = ["ParityError", "export_bundle", "export_network", "check_parity", "subset_bundle", "resolve_nodes", "bundle_summary", "load_torch_models"]
 
@@ -178,23 +177,6 @@ class _quiet_stdout:
         return False
 
 
-def _build_torch(md: ModelDir, entry):
-    from edgehmoe.model.arch import build_model
-    from edgehmoe.model.training import load_state_arrays
-
-    m = build_model(entry.arch)
-    arrays = md.load_weights(entry)
-    # checkpoint._contiguous writes 0-d buffers (BatchNorm's num_batches_tracked) as shape
-    # (1,) because np.ascontiguousarray promotes 0-d arrays; accept that one-element form.
-    expected = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    arrays = {
-        k: (a.reshape(()) if expected.get(k) == () and a.shape == (1,) else a) for k, a in arrays.items()
-    }
-    load_state_arrays(m, arrays)
-    m.eval()
-    return m
-
-
 def _entry(file: str, data: bytes, name: str, arch: dict, params: int) -> dict:
     import hashlib
 
@@ -265,19 +247,21 @@ def export_bundle(
     """
     import torch
 
+    from edgehmoe.model.inference import load_models
+
     md = model_dir if isinstance(model_dir, ModelDir) else read_model_dir(model_dir)
     if not md.experts and (md.flat is None or not include_flat):
         raise CheckpointError(f"{md.path} holds no hierarchical model to export (and no flat model to include)")
     out = Path(out)
     tree = md.hierarchy
+    hm, fm, _ = load_models(md)
+    torch_experts = hm.experts if hm is not None else {}
     tmp = _prepare_out(out, overwrite)
     try:
         experts: dict[str, dict] = {}
-        torch_experts = {}
-        for node in sorted(md.experts):
+        for node in sorted(torch_experts):
             e = md.experts[node]
-            model = _build_torch(md, e)
-            torch_experts[node] = model
+            model = torch_experts[node]
             data = export_network(model, md.input_size, opset=opset, description=f"edgehmoe expert {node} {tree.names[node]}")
             rel = f"experts/{node}.onnx"
             (tmp / "experts").mkdir(exist_ok=True)
@@ -286,8 +270,8 @@ def export_bundle(
             logger.info("exported expert %s (%s): %d bytes", node, tree.names[node], len(data))
         flat = None
         torch_flat = None
-        if include_flat and md.flat is not None:
-            torch_flat = _build_torch(md, md.flat)
+        if include_flat and fm is not None:
+            torch_flat = fm.model
             data = export_network(torch_flat, md.input_size, opset=opset, description="edgehmoe flat model")
             (tmp / "flat.onnx").write_bytes(data)
             flat = _entry("flat.onnx", data, "flat", md.flat.arch, md.flat.params)
@@ -361,7 +345,7 @@ def check_parity_dirs(md: ModelDir, bundle: Path, torch_experts: dict, torch_fla
         # Greedy predictions through the shared routing code, torch probabilities vs ORT.
         torch_probs = {n: _softmax(predict_logits(m, x, mean, std)) for n, m in torch_experts.items()}
         tree = md.hierarchy
-        ref_nodes, _ = routing.predict_greedy(tree, samples, lambda n, idx: torch_probs[n][idx])
+        ref_nodes, _ = routing.decode(tree, samples, lambda n, idx: torch_probs[n][idx])
         got_nodes, _ = pred.predict_greedy(x)
         bad = np.flatnonzero(ref_nodes != got_nodes)
         ties = [i for i in bad if _near_tie(tree, torch_probs, i, ref_nodes[i], got_nodes[i], atol)]
@@ -408,9 +392,11 @@ def _near_tie(tree: Hierarchy, probs: dict, i: int, a: int, b: int, atol: float)
 
 def check_parity(model_dir: str | Path, bundle: str | Path, *, atol: float = 1e-4, samples: int = 64, seed: int = 0) -> dict:
     """Re-run the export's parity check between a model directory and an existing bundle."""
-    md = read_model_dir(model_dir)
-    experts = {n: _build_torch(md, e) for n, e in md.experts.items()}
-    flat = _build_torch(md, md.flat) if md.flat is not None and read_manifest(bundle).get("flat") else None
+    from edgehmoe.model.inference import load_models
+
+    hm, fm, md = load_models(model_dir)
+    experts = hm.experts if hm is not None else {}
+    flat = fm.model if fm is not None and read_manifest(bundle).get("flat") else None
     return check_parity_dirs(md, Path(bundle), experts, flat, atol=atol, samples=samples, seed=seed)
 
 
@@ -570,13 +556,10 @@ def bundle_summary(bundle: str | Path) -> dict:
     }
 
 
-
 def load_torch_models(model_dir: str | Path | ModelDir):
-    """``(HierarchicalModel | None, FlatModel | None)`` of a model directory, built with the
-    same tolerant weight loading the exporter uses (for parity and agreement checks)."""
-    from edgehmoe.model.inference import FlatModel, HierarchicalModel
+    """``(HierarchicalModel | None, FlatModel | None)`` of a model directory: the torch models
+    the bundle was exported from (:func:`edgehmoe.model.inference.load_models`)."""
+    from edgehmoe.model.inference import load_models
 
-    md = model_dir if isinstance(model_dir, ModelDir) else read_model_dir(model_dir)
-    hm = HierarchicalModel(md.hierarchy, {n: _build_torch(md, e) for n, e in md.experts.items()}, md.mean, md.std) if md.experts else None
-    fm = FlatModel(md.hierarchy, _build_torch(md, md.flat), md.mean, md.std) if md.flat is not None else None
+    hm, fm, _ = load_models(model_dir)
     return hm, fm

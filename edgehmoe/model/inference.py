@@ -1,8 +1,11 @@
 """Hierarchical mixture of experts (torch side) and the flat baseline.
 
-:class:`HierarchicalModel` maps each internal node of the tree to its expert. Prediction is
-top-down (greedy, beam or thresholded) through :mod:`edgehmoe.core.routing`, which groups the
-samples at each node so every expert runs once per level on a batch.
+:class:`HierarchicalModel` maps each internal node of the tree to its expert;
+:class:`FlatModel` wraps the flat softmax. Both only supply probabilities: prediction goes
+through :func:`edgehmoe.core.routing.decode` (greedy, beam or thresholded, top-down, grouping
+the samples at each node so every expert runs once per level on a batch) and
+:func:`edgehmoe.core.routing.flat_decode`, the same functions the ONNX Runtime predictors use.
+:func:`load_models` is the one loader of torch networks from a model directory.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import torch
 from torch import nn
 
 from edgehmoe.core import routing
-from edgehmoe.core.checkpoint import ModelDir, read_model_dir
+from edgehmoe.core.checkpoint import ModelDir, NetworkEntry, read_model_dir
+from edgehmoe.core.evaluation import evaluate_decoded, resolve_model
 from edgehmoe.core.hierarchy import Hierarchy
-from edgehmoe.core.metrics import evaluate
-from edgehmoe.errors import UsageError
 from edgehmoe.model.arch import ArchSpec, ModelError, build_model, count_params
 from edgehmoe.model.training import load_state_arrays, predict_proba
 
-__all__ = ["HierarchicalModel", "FlatModel", "load_models", "evaluate_models"]
+__all__ = ["FlatModel", "HierarchicalModel", "build_network", "evaluate_models", "load_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +49,26 @@ class HierarchicalModel:
         self.batch_size = batch_size
 
     def expert_probs(self, x: np.ndarray) -> routing.ExpertProbs:
+        """The ``expert_probs(node, idx)`` callable of :mod:`edgehmoe.core.routing` over uint8 ``x``."""
+
         def fn(node: int, idx: np.ndarray) -> np.ndarray:
             return predict_proba(self.experts[node], x[idx], self.mean, self.std, self.batch_size)
 
         return fn
 
     @torch.no_grad()
+    def predict(self, x: np.ndarray, *, beam: int = 1, threshold: float | None = None) -> np.ndarray:
+        """Predicted nodes through :func:`edgehmoe.core.routing.decode` (greedy by default)."""
+        return routing.decode(self.tree, len(x), self.expert_probs(x), beam=beam, threshold=threshold)[0]
+
     def predict_greedy(self, x: np.ndarray) -> np.ndarray:
-        return routing.predict_greedy(self.tree, len(x), self.expert_probs(x))[0]
+        return self.predict(x)
 
-    @torch.no_grad()
     def predict_beam(self, x: np.ndarray, beam: int) -> np.ndarray:
-        return routing.predict_beam(self.tree, len(x), self.expert_probs(x), beam)[0]
+        return self.predict(x, beam=beam)
 
-    @torch.no_grad()
     def predict_until(self, x: np.ndarray, threshold: float) -> np.ndarray:
-        return routing.predict_until(self.tree, len(x), self.expert_probs(x), threshold)[0]
+        return self.predict(x, threshold=threshold)
 
     def params(self) -> dict[int, int]:
         return {n: count_params(m) for n, m in self.experts.items()}
@@ -81,39 +87,37 @@ class FlatModel:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return predict_proba(self.model, x, self.mean, self.std, self.batch_size)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.tree.class_to_node[self.predict_proba(x).argmax(axis=1)]
+    def predict(self, x: np.ndarray, *, threshold: float | None = None) -> np.ndarray:
+        """Argmax leaf, or with ``threshold`` the deepest node on its path whose summed leaf
+        probability is >= threshold (:func:`edgehmoe.core.routing.flat_decode`)."""
+        return routing.flat_decode(self.tree, self.predict_proba(x), threshold)[0]
 
     def predict_until(self, x: np.ndarray, threshold: float) -> np.ndarray:
         """Deepest node on the argmax leaf's path whose summed leaf probability ≥ threshold."""
-        p = self.predict_proba(x)
-        tree = self.tree
-        leaf = tree.class_to_node[p.argmax(axis=1)]
-        out = np.zeros(len(x), dtype=np.int64)
-        anc = tree.ancestor_matrix
-        leaf_nodes = tree.class_to_node
-        for d in range(1, tree.max_depth + 1):
-            node_d = anc[leaf, np.minimum(d, tree.depths[leaf])]
-            under = tree.is_ancestor_or_self(node_d[:, None], leaf_nodes[None, :])
-            mass = (p * under).sum(axis=1)
-            out = np.where(mass >= threshold, node_d, out)
-        return out
+        return self.predict(x, threshold=threshold)
 
 
-def _build(md: ModelDir, entry) -> nn.Module:
+def build_network(md: ModelDir, entry: NetworkEntry) -> nn.Module:
+    """The torch network of one model-directory entry, weights loaded, in eval mode."""
     m = build_model(entry.arch)
-    load_state_arrays(m, md.load_weights(entry))
+    arrays = md.load_weights(entry)
+    # Model directories written before checkpoint.contiguous_arrays kept 0-d shapes store
+    # BatchNorm's num_batches_tracked as shape (1,); accept that one-element form.
+    expected = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    arrays = {k: (a.reshape(()) if expected.get(k) == () and a.shape == (1,) else a) for k, a in arrays.items()}
+    load_state_arrays(m, arrays)
     m.eval()
     return m
 
 
 def load_models(path_or_dir) -> tuple[HierarchicalModel | None, FlatModel | None, ModelDir]:
+    """``(HierarchicalModel | None, FlatModel | None, ModelDir)`` of a model (or run) directory."""
     md = path_or_dir if isinstance(path_or_dir, ModelDir) else read_model_dir(path_or_dir)
     hm = fm = None
     if md.experts:
-        hm = HierarchicalModel(md.hierarchy, {n: _build(md, e) for n, e in md.experts.items()}, md.mean, md.std)
+        hm = HierarchicalModel(md.hierarchy, {n: build_network(md, e) for n, e in md.experts.items()}, md.mean, md.std)
     if md.flat is not None:
-        fm = FlatModel(md.hierarchy, _build(md, md.flat), md.mean, md.std)
+        fm = FlatModel(md.hierarchy, build_network(md, md.flat), md.mean, md.std)
     return hm, fm, md
 
 
@@ -126,29 +130,10 @@ def evaluate_models(
     beam: int = 1,
     threshold: float | None = None,
 ) -> dict:
-    """Metrics of the chosen model (``hmoe``, ``flat`` or ``auto`` = hmoe when present)."""
-    if which == "auto":
-        which = "hmoe" if hm is not None else "flat"
-    if which == "hmoe":
-        if hm is None:
-            raise UsageError("this model directory has no hierarchical model; use --model flat")
-        tree = hm.tree
-        if threshold is not None:
-            pred = hm.predict_until(x, threshold)
-        elif beam > 1:
-            pred = hm.predict_beam(x, beam)
-        else:
-            pred = hm.predict_greedy(x)
-    elif which == "flat":
-        if fm is None:
-            raise UsageError("this model directory has no flat model; use --model hmoe")
-        tree = fm.tree
-        pred = fm.predict_until(x, threshold) if threshold is not None else fm.predict(x)
-    else:
-        raise UsageError(f"unknown model {which!r}; valid: auto, hmoe, flat")
-    out = evaluate(tree, y, pred)
-    out["model"] = which
-    out["beam"] = beam if which == "hmoe" else 1
-    if threshold is not None:
-        out["threshold"] = threshold
-    return out
+    """Metrics of the chosen model (``hmoe``, ``flat`` or ``auto`` = hmoe when present):
+    :func:`edgehmoe.core.evaluation.evaluate_decoded`'s dict."""
+    which = resolve_model(which, has_hmoe=hm is not None, has_flat=fm is not None)
+    with torch.no_grad():
+        if which == "hmoe":
+            return evaluate_decoded(hm.tree, x, y, "hmoe", hm.expert_probs, beam=beam, threshold=threshold)
+        return evaluate_decoded(fm.tree, x, y, "flat", fm.predict_proba, beam=beam, threshold=threshold)
