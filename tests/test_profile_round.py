@@ -1,4 +1,6 @@
-"""Tests of tools/profile_round.py: a real (tiny) profile on synthetic data, plus its helpers.
+"""Tests of the per-round profiler (:mod:`edgehmoe.measure.profile`, ``edgehmoe-profile``,
+``tools/profile_round.py``): a real (tiny) profile on synthetic data, plus its helpers and the
+memory-limited child runner (:mod:`edgehmoe.measure.limits`).
 
 The smoke run uses ``synthetic:coarse=4,fine=5,per_class=20``: 20 classes under 4
 superclasses, so 5 experts (root: 4-way; super0..super3: 5-way each). With 100 samples per
@@ -8,28 +10,20 @@ client drawn class-balanced, every class has 5 samples: the flat model and the r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgehmoe.measure import limits
+from edgehmoe.measure import profile as pr
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "synthetic:coarse=4,fine=5,per_class=20"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("profile_round", ROOT / "tools" / "profile_round.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["profile_round"] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pr = _load_tool()
 
 FLAT_KEYS = {"round_time_ms", "round_mem_mb", "peak_rss_mb", "params"}
 EXPERT_KEYS = {"node", "name", "depth", "children", "samples", "round_time_ms", "round_mem_mb", "peak_rss_mb", "params"}
@@ -166,19 +160,19 @@ def test_smoke_plot_is_a_png(smoke):
 
 def test_watchdog_kills_a_greedy_child_and_lets_a_small_one_finish():
     # Prepare
-    mech = pr.limit_mechanism("watchdog")
+    mech = limits.limit_mechanism("watchdog")
     greedy = [sys.executable, "-c", "import time; b = b'x' * (400 * 2**20); time.sleep(5)"]
-    small = [sys.executable, "-c", f"print({pr._RESULT_TAG!r} + '{{\"ok\": true}}')"]
+    small = [sys.executable, "-c", f"print({limits.RESULT_TAG!r} + '{{\"ok\": true}}')"]
     # Execute
-    killed = pr.run_child(greedy, limit_mb=200, mechanism=mech, timeout_s=60)
-    fine = pr.run_child(small, limit_mb=200, mechanism=mech, timeout_s=60)
+    killed = limits.run_child(greedy, limit_mb=200, mechanism=mech, timeout_s=60)
+    fine = limits.run_child(small, limit_mb=200, mechanism=mech, timeout_s=60)
     # Assert
     assert killed.killed and 200 < killed.killed_at_mb < 450 and killed.result is None
     assert not fine.killed and fine.returncode == 0 and fine.result == {"ok": True}
 
 
 def test_limit_mechanism_auto_is_available():
-    assert pr.limit_mechanism("auto").kind in ("cgroup", "systemd", "watchdog")
+    assert limits.limit_mechanism("auto").kind in ("cgroup", "systemd", "watchdog")
 
 
 def test_client_sample_is_balanced_seeded_and_bounded():
@@ -205,3 +199,48 @@ def test_bad_dataset_is_one_line_error(spec, capsys):
     err = capsys.readouterr().err
     assert rc != 0
     assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("entry", [[str(ROOT / "tools" / "profile_round.py")], ["-m", "edgehmoe.measure.profile"]])
+def test_entry_points_give_the_same_one_line_error_and_exit_code(entry):
+    # The thin tools/ script and the module entry run the installed profiler: same error line
+    # (prefixed with the command's name) and exit status 1 for a dataset that cannot load.
+    # Execute
+    p = subprocess.run([sys.executable, *entry, "--dataset", "nope:x"], capture_output=True, text=True, timeout=120)
+    # Assert
+    prog = "profile_round.py" if entry[0].endswith(".py") else "python -m edgehmoe.measure.profile"
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith(f"{prog}: error: cannot load dataset 'nope:x': unknown dataset kind 'nope'")
+    assert p.stderr.count("\n") == 1
+
+
+def test_profile_errors_are_edgehmoe_errors_with_exit_status_1():
+    from edgehmoe.errors import EdgeHmoeError
+
+    with pytest.raises(pr.ProfileError) as e:
+        pr._call_loader(lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")), "x:y", 1)
+    assert isinstance(e.value, EdgeHmoeError) and e.value.exit_code == 1
+    assert str(e.value) == "cannot load dataset 'x:y': bad"
+    if limits._cgroup2_parent() is None:
+        unavailable = "cgroup"
+    elif not Path("/run/systemd/system").is_dir():
+        unavailable = "systemd"
+    else:
+        pytest.skip("every limit mechanism is available here")
+    with pytest.raises(limits.LimitError, match="use --limit-mechanism watchdog") as e:
+        limits.limit_mechanism(unavailable)
+    assert isinstance(e.value, EdgeHmoeError) and e.value.exit_code == 1
+
+
+def test_worker_reports_a_failed_job_as_one_tagged_line():
+    # Prepare: a train-round job whose data file does not exist
+    from edgehmoe.measure.worker import worker_command, worker_env
+
+    cmd = worker_command("train-round", {"data": "/does/not/exist.npz", "arch": {}, "label_map": [], "threads": 1,
+                                         "train": {}})
+    # Execute
+    o = limits.run_child(cmd, env=worker_env(), timeout_s=300)
+    # Assert
+    assert cmd[1:3] == ["-m", "edgehmoe.measure.worker"]
+    assert o.returncode == 1 and o.result["ok"] is False
+    assert o.result["error"].startswith("FileNotFoundError") and "/does/not/exist.npz" in o.result["error"]
