@@ -136,18 +136,10 @@ def cmd_fit(args) -> int:
 def cmd_evaluate(args) -> int:
     if bool(args.model_dir) == bool(args.bundle):
         raise UsageError("give exactly one of --model-dir DIR or --bundle BUNDLE")
-    # Cheap checks first: a bad spec or a missing or unreadable model must not wait for the data.
-    from edgehmoe.data import parse_spec
+    from edgehmoe.cli.bundle import _check_before_loading_data
 
-    parse_spec(args.dataset)
-    if args.bundle:
-        from edgehmoe.edge.manifest import read_manifest
-
-        read_manifest(args.bundle)
-    else:
-        from edgehmoe.core.checkpoint import read_model_dir
-
-        read_model_dir(args.model_dir)
+    # Cheap checks first, as bundle evaluate/extend do: the spec, then the model, then the data.
+    _check_before_loading_data(args, bundle=args.bundle, model_dir=args.model_dir)
     ds = load_data(args)
     if args.bundle:
         from edgehmoe.cli.bundle import evaluate_bundle
