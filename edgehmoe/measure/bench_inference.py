@@ -109,10 +109,7 @@ def _load_inputs(cfg: dict, image_shape: tuple[int, int, int]) -> np.ndarray:
 def inference_job(cfg: dict) -> dict:
     """Measure one model (``cfg["model"]``: ``chain`` or ``flat``) of a bundle; run in a fresh
     child process (see :mod:`edgehmoe.measure.worker`). Returns one row of the JSON ``results``."""
-    try:
-        from edgehmoe.edge.manifest import read_manifest
-    except ImportError:  # a runtime.py that still holds the manifest code
-        from edgehmoe.edge.runtime import read_manifest
+    from edgehmoe.edge.manifest import read_manifest
     from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor, make_session_options
 
     manifest = read_manifest(cfg["bundle"])
