@@ -27,10 +27,12 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from edgehmoe.errors import EdgeHmoeError
+from edgehmoe.errors import EdgeHmoeError, UsageError
 from edgehmoe.measure.limits import RESULT_TAG
 
 __all__ = ["JOBS", "main", "run_job", "worker_command", "worker_env"]
+
+_MODULE = "edgehmoe.measure.worker"  # not __name__, which is "__main__" under python -m
 
 # Job kind -> (module, function taking the job dict and returning a JSON-able dict).
 JOBS = {
@@ -41,9 +43,13 @@ JOBS = {
 
 def worker_command(kind: str, job: dict) -> list[str]:
     """The command line that runs job ``kind`` with ``job`` in a fresh interpreter."""
+    _check_kind(kind)
+    return [sys.executable, "-m", _MODULE, kind, json.dumps(job)]
+
+
+def _check_kind(kind: str) -> None:
     if kind not in JOBS:
-        raise ValueError(f"unknown worker job {kind!r}; valid: {', '.join(JOBS)}")
-    return [sys.executable, "-m", __name__, kind, json.dumps(job)]
+        raise UsageError(f"unknown worker job {kind!r}; valid: {', '.join(JOBS)}")
 
 
 def worker_env(base: dict | None = None) -> dict:
@@ -68,8 +74,7 @@ def run_job(kind: str, job: dict | str) -> NoReturn:
     try:
         if isinstance(job, str):
             job = json.loads(job)
-        if kind not in JOBS:
-            raise ValueError(f"unknown worker job {kind!r}; valid: {', '.join(JOBS)}")
+        _check_kind(kind)
         module, func = JOBS[kind]
         out = getattr(importlib.import_module(module), func)(job)
         result = {"ok": True, **out}
@@ -83,7 +88,7 @@ def run_job(kind: str, job: dict | str) -> NoReturn:
 def main(argv: list[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print(f"usage: python -m {__name__} {{{','.join(JOBS)}}} JOBJSON", file=sys.stderr)
+        print(f"usage: python -m {_MODULE} {{{','.join(JOBS)}}} JOBJSON", file=sys.stderr)
         sys.exit(2)
     run_job(argv[0], argv[1])
 
