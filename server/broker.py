@@ -1,12 +1,26 @@
-"""Run a Mosquitto broker for local runs and tests; manage device credentials.
+"""Run a Mosquitto broker for local runs and tests; manage device credentials and certificates.
 
 :class:`MosquittoBroker` starts a private ``mosquitto`` process on a free loopback port with a
 generated configuration, password file and ACL (the same rules as ``server/mosquitto/acl``) in a
 run directory, in the spirit of paho-mqtt's ``tests/testsupport/broker.py``.  For a production
-broker use ``server/mosquitto/mosquitto.conf`` and the system service instead.
+broker use ``server/mosquitto/mosquitto.conf`` (or ``edgehmoe-server broker-config``, which
+renders it: :func:`render_broker_config`) and the system service instead.
+
+What one device credential must not be able to do (issue #10, ``docs/security.md``), and how
+the generated configurations prevent it:
+
+* take over another client's session by connecting with its client id: every listener has
+  ``use_username_as_clientid true``, so a client's id IS its user name;
+* publish into another run or as another device: the ACL names the run(s) and pins each device
+  to ``edgehmoe/<run>/device/<its user name>/...`` (:func:`render_acl`);
+* flood the broker: ``max_packet_size`` (largest wire payload + headroom), ``max_queued_bytes``
+  and ``max_queued_messages`` bound one packet and what is queued for an offline client;
+* listen on every interface by accident: listeners bind to 127.0.0.1 unless told otherwise.
 
 :func:`create_device_credentials` adds a device user to a Mosquitto password file and writes
-the device's password file (mode 0600) to copy onto the Pi.
+the device's password file (mode 0600) to copy onto the Pi.  :func:`create_ca`,
+:func:`create_server_certificate` and :func:`create_client_certificate` make a private CA and
+certificates for TLS and mutual TLS with the ``openssl`` command-line tool.
 """
 
 from __future__ import annotations
@@ -23,20 +37,38 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from edgehmoe.errors import RunError, UsageError
 from edgehmoe.fl.wire import MAX_PAYLOAD_BYTES, WireError, check_id
 
+# The topic root, spelled out: importing edgehmoe.fl.mqtt would pull in paho, which the broker
+# tools (credentials, broker-config) do not need.
+TOPIC_ROOT = "edgehmoe"
+
 __all__ = [
     "SERVER_USER",
+    "MONITOR_USER",
+    "TEMPLATE_RUN",
     "INSTALL_HINT",
+    "OPENSSL_HINT",
     "TEMPLATE_DIR",
+    "MAX_PACKET_BYTES",
+    "DEFAULT_MAX_QUEUED_BYTES",
+    "DEFAULT_MAX_QUEUED_MESSAGES",
+    "BrokerError",
+    "default_max_queued_bytes",
     "find_mosquitto",
+    "find_openssl",
     "free_port",
+    "max_packet_bytes",
     "render_acl",
+    "render_broker_config",
     "add_password",
     "create_device_credentials",
+    "create_ca",
+    "create_server_certificate",
+    "create_client_certificate",
     "MosquittoBroker",
     "start_local_broker",
 ]
@@ -45,24 +77,68 @@ logger = logging.getLogger(__name__)
 
 #: Default user name of the aggregation server on the broker.
 SERVER_USER = "edgehmoe-server"
+#: Read-only account for dashboards and ``mosquitto_sub`` (never log in as the server for that:
+#: client ids are bound to user names, so a second login as the server takes over its session).
+MONITOR_USER = "edgehmoe-monitor"
+#: Run name the shipped ACL template is written for (the default ``[run] name``).
+TEMPLATE_RUN = "edgehmoe"
 
 INSTALL_HINT = (
     "Mosquitto is not installed: apt-get install -y mosquitto (Debian, Ubuntu, Raspberry Pi OS) "
     "or brew install mosquitto (macOS)"
 )
 
+OPENSSL_HINT = (
+    "openssl is not installed: apt-get install -y openssl (Debian, Ubuntu, Raspberry Pi OS) "
+    "or brew install openssl (macOS)"
+)
+
 #: Shipped configuration templates (mosquitto.conf, acl).
 TEMPLATE_DIR = Path(__file__).resolve().parent / "mosquitto"
 
-# Room for the topic and MQTT headers above the largest wire payload.
-_MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024
+# Room for the topic, properties and MQTT fixed/variable headers above the largest wire payload.
+_PACKET_OVERHEAD = 64 * 1024
+
+
+def max_packet_bytes(max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> int:
+    """Broker ``max_packet_size`` for wire payloads of at most ``max_payload_bytes``.
+
+    The default follows :data:`edgehmoe.fl.wire.MAX_PAYLOAD_BYTES`, the largest payload the
+    server would decode anyway; a run whose largest expert message is known can pass a smaller
+    bound (a TrainTask/TrainResult is its weights plus about 2 KiB of header).
+    """
+    if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1024:
+        raise UsageError(f"max_payload_bytes must be an integer >= 1024, got {max_payload_bytes!r}")
+    return max_payload_bytes + _PACKET_OVERHEAD
+
+
+#: ``max_packet_size`` for the default payload limit (64 MiB + 64 KiB).
+MAX_PACKET_BYTES = max_packet_bytes()
+_MAX_PACKET_BYTES = MAX_PACKET_BYTES  # old private name
+
+
+def default_max_queued_bytes(packet_bytes: int = MAX_PACKET_BYTES) -> int:
+    """Bytes of QoS 1 messages the broker queues for one disconnected client (e.g. the server
+    while it restarts): 128 MiB, and at least two maximal packets.
+
+    That holds a round of results from a few hundred devices at today's model sizes (well under
+    1 MiB each) but no longer an unbounded pile from one device (issue #10 row 7: 5 x 50 MB for
+    an offline server grew the broker from 9.5 to 317 MB).  Mosquitto drops what is beyond it.
+    """
+    return max(128 * 1024 * 1024, 2 * packet_bytes)
+
+
+#: ``max_queued_bytes`` for the default packet limit.
+DEFAULT_MAX_QUEUED_BYTES = default_max_queued_bytes()
+#: QoS 1 messages queued per client while it is away (Mosquitto's own default).
+DEFAULT_MAX_QUEUED_MESSAGES = 1000
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
 _EXTRA_PATHS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin")
 
 
-
 class BrokerError(RunError):
     """Mosquitto could not be started, reloaded or configured (see its log file)."""
+
 
 def find_mosquitto(name: str = "mosquitto") -> str:
     """Path of the ``mosquitto`` (or ``mosquitto_passwd``) executable.
@@ -83,14 +159,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def render_acl(server_user: str = SERVER_USER) -> str:
-    """The shipped ACL template (``server/mosquitto/acl``) for the given server user name."""
+def find_openssl() -> str:
+    """Path of the ``openssl`` command-line tool.
+
+    :raises FileNotFoundError: with the install hint.
+    """
+    found = shutil.which("openssl")
+    if found is None:
+        raise FileNotFoundError(f"openssl not found on PATH. {OPENSSL_HINT}")
+    return found
+
+
+_RUN_IN_TEMPLATE = f"{TOPIC_ROOT}/{TEMPLATE_RUN}/"
+
+
+def render_acl(
+    server_user: str = SERVER_USER,
+    runs: Optional[Sequence[str]] = (TEMPLATE_RUN,),
+    monitor_user: str = MONITOR_USER,
+) -> str:
+    """The shipped ACL template (``server/mosquitto/acl``) for a server user name and run names.
+
+    Every rule of the template names the run ``edgehmoe`` (:data:`TEMPLATE_RUN`); each such rule
+    is written once per name in ``runs``, so a device can publish only under a run it was
+    admitted to.  ``runs=None`` writes ``+`` (any run): only for throw-away local brokers.
+    """
     _check_user(server_user)
+    _check_user(monitor_user)
+    if runs is not None:
+        if isinstance(runs, str) or not runs:
+            raise UsageError("runs must be a non-empty list of run names (or None for any run)")
+        runs = [_check_run(r) for r in runs]
     text = (TEMPLATE_DIR / "acl").read_text(encoding="utf-8")
-    line = f"user {SERVER_USER}\n"
-    if line not in text:  # pragma: no cover - template edited inconsistently
-        raise BrokerError(f"ACL template {TEMPLATE_DIR / 'acl'} has no '{line.strip()}' line")
-    return text.replace(line, f"user {server_user}\n")
+    for default, name in ((SERVER_USER, server_user), (MONITOR_USER, monitor_user)):
+        line = f"user {default}\n"
+        if line not in text:  # pragma: no cover - template edited inconsistently
+            raise BrokerError(f"ACL template {TEMPLATE_DIR / 'acl'} has no '{line.strip()}' line")
+        text = text.replace(line, f"user {name}\n")
+    out: List[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith("#") or _RUN_IN_TEMPLATE not in line:
+            out.append(line)
+        elif runs is None:
+            out.append(line.replace(_RUN_IN_TEMPLATE, f"{TOPIC_ROOT}/+/"))
+        else:
+            out += [line.replace(_RUN_IN_TEMPLATE, f"{TOPIC_ROOT}/{run}/") for run in runs]
+    return "".join(out)
+
+
+def _check_run(name: str) -> str:
+    try:
+        return check_id(name, "run name")
+    except WireError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_user(name: str) -> str:
@@ -142,8 +263,8 @@ def create_device_credentials(
         check_id(device_id, "device id")
     except WireError as err:
         raise UsageError(str(err)) from None
-    if device_id == server_user:
-        raise UsageError(f"device id {device_id!r} is the server's user name; pick another id")
+    if device_id in (server_user, MONITOR_USER):
+        raise UsageError(f"device id {device_id!r} is the server's user name (or the monitor's); pick another id")
     password = secrets.token_urlsafe(nbytes)
     add_password(password_file, device_id, password)
     out = Path(out_dir)
@@ -157,6 +278,179 @@ def create_device_credentials(
         os.close(fd)
     logger.info("added broker user %s to %s; password written to %s", device_id, password_file, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates (openssl command-line tool: present on Debian, Raspberry Pi OS and macOS)
+# --------------------------------------------------------------------------------------------
+
+# EC P-256: small keys, fast handshakes on a Pi, supported by every OpenSSL/LibreSSL in use.
+_KEY_ARGS = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run([find_openssl(), *args], capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise BrokerError(f"openssl {args[0]} failed: {(proc.stderr or proc.stdout).strip()}")
+
+
+def _private(path: Path) -> None:
+    os.chmod(path, 0o600)
+
+
+def _serial() -> str:
+    return "0x" + secrets.token_hex(16)
+
+
+def create_ca(out_dir: Union[str, Path], *, name: str = "edgehmoe broker CA", days: int = 3650,
+              force: bool = False) -> Tuple[Path, Path]:
+    """Create a private certificate authority: ``<out_dir>/ca.crt`` and ``ca.key`` (mode 0600).
+
+    ``ca.crt`` goes to every device (``--cafile``); ``ca.key`` signs the broker's and the
+    devices' certificates and should stay off the broker if you can (it can mint identities).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    crt, key = out / "ca.crt", out / "ca.key"
+    _refuse_overwrite([crt, key], force)
+    _openssl("req", "-x509", *_KEY_ARGS, "-keyout", str(key), "-out", str(crt), "-days", str(int(days)),
+             "-subj", f"/CN={name}", "-set_serial", _serial(),
+             "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _private(key)
+    logger.info("created CA %s (key %s)", crt, key)
+    return crt, key
+
+
+def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} exist(s); pass --force (force=True) to replace")
+
+
+def _san(hosts: Sequence[str]) -> str:
+    import ipaddress
+
+    entries = []
+    for host in hosts:
+        try:
+            entries.append(f"IP:{ipaddress.ip_address(host)}")
+        except ValueError:
+            if not host or any(c in host for c in ",/ \n"):
+                raise UsageError(f"bad host name for a certificate: {host!r}") from None
+            entries.append(f"DNS:{host}")
+    return ",".join(entries)
+
+
+def _signed_certificate(ca_cert: Path, ca_key: Path, out_dir: Path, stem: str, common_name: str,
+                        extensions: str, days: int, force: bool) -> Tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    crt, key = out / f"{stem}.crt", out / f"{stem}.key"
+    _refuse_overwrite([crt, key], force)
+    for path in (ca_cert, ca_key):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found; create the CA first (edgehmoe-server broker-config --tls)")
+    with tempfile.TemporaryDirectory(prefix="edgehmoe-cert-") as tmp:
+        csr, ext = Path(tmp) / "req.csr", Path(tmp) / "ext.cnf"
+        ext.write_text(extensions, encoding="ascii")
+        _openssl("req", "-new", *_KEY_ARGS, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}")
+        _private(key)
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                 "-set_serial", _serial(), "-out", str(crt), "-days", str(int(days)), "-extfile", str(ext))
+    return crt, key
+
+
+def create_server_certificate(ca_cert: Union[str, Path], ca_key: Union[str, Path], out_dir: Union[str, Path],
+                              hosts: Sequence[str], *, days: int = 825, force: bool = False) -> Tuple[Path, Path]:
+    """Broker certificate ``<out_dir>/server.crt`` + ``server.key`` (0600), signed by the CA.
+
+    ``hosts``: every name and IP address devices use in ``mqtts://HOST`` (they are checked
+    against the certificate's subjectAltName).
+    """
+    hosts = list(dict.fromkeys(hosts))
+    if not hosts:
+        raise UsageError("give at least one host name or IP address for the broker certificate")
+    ext = (f"subjectAltName={_san(hosts)}\nbasicConstraints=critical,CA:FALSE\n"
+           "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    crt, key = _signed_certificate(Path(ca_cert), Path(ca_key), Path(out_dir), "server", hosts[0], ext, days, force)
+    logger.info("created broker certificate %s for %s", crt, ", ".join(hosts))
+    return crt, key
+
+
+def create_client_certificate(ca_cert: Union[str, Path], ca_key: Union[str, Path], out_dir: Union[str, Path],
+                              name: str, *, days: int = 825, force: bool = False) -> Tuple[Path, Path]:
+    """Client certificate ``<out_dir>/<name>.crt`` + ``<name>.key`` (0600) for mutual TLS.
+
+    ``name`` (a device id or the server's user name) becomes the certificate's common name.
+    """
+    _check_user(name)
+    ext = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+           "extendedKeyUsage=clientAuth\n")
+    crt, key = _signed_certificate(Path(ca_cert), Path(ca_key), Path(out_dir), name, name, ext, days, force)
+    logger.info("created client certificate %s", crt)
+    return crt, key
+
+
+# --------------------------------------------------------------------------------------------
+# Production configuration (edgehmoe-server broker-config)
+# --------------------------------------------------------------------------------------------
+
+
+def render_broker_config(
+    *,
+    conf_dir: str = "/etc/mosquitto",
+    listen: str = "127.0.0.1",
+    tls: bool = False,
+    tls_listen: str = "",
+    client_certs: bool = False,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_queued_bytes: Optional[int] = None,
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+) -> str:
+    """``server/mosquitto/mosquitto.conf`` with the given options filled in.
+
+    The shipped template is the default rendering (a test keeps them equal).  ``conf_dir`` is
+    where the password file, ACL and ``certs/`` live on the broker host; ``listen`` is the
+    address of the plain listener (loopback: the server and tools on the broker host);
+    ``tls=True`` enables the TLS listener on port 8883 (``tls_listen``: its address, default
+    all interfaces) and ``client_certs=True`` makes it require a client certificate signed by
+    the CA (mutual TLS).
+    """
+    if client_certs and not tls:
+        raise UsageError("client certificates need the TLS listener: add --tls")
+    conf = conf_dir.rstrip("/") or "/"
+    packet = max_packet_bytes(max_payload_bytes)
+    queued = default_max_queued_bytes(packet) if max_queued_bytes is None else int(max_queued_bytes)
+    text = (TEMPLATE_DIR / "mosquitto.conf").read_text(encoding="utf-8")
+    replacements = [
+        ("listener 1883 127.0.0.1\n", f"listener 1883 {listen}\n" if listen else "listener 1883\n"),
+        (f"max_packet_size {MAX_PACKET_BYTES}\n", f"max_packet_size {packet}\n"),
+        (f"max_inflight_bytes {MAX_PACKET_BYTES}\n", f"max_inflight_bytes {packet}\n"),
+        (f"max_queued_bytes {DEFAULT_MAX_QUEUED_BYTES}\n", f"max_queued_bytes {queued}\n"),
+        (f"max_queued_messages {DEFAULT_MAX_QUEUED_MESSAGES}\n", f"max_queued_messages {int(max_queued_messages)}\n"),
+    ]
+    for old, new in replacements:
+        if old not in text:  # pragma: no cover - template edited inconsistently
+            raise BrokerError(f"{TEMPLATE_DIR / 'mosquitto.conf'} has no {old.strip()!r}")
+        text = text.replace(old, new)
+    lines = []
+    in_tls_block = False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# >>> tls"):
+            in_tls_block = True
+        elif line.startswith("# <<< tls"):
+            in_tls_block = False
+        elif tls and in_tls_block and line.startswith("#") and not line.startswith("# "):
+            line = line[1:]  # a commented-out directive of the TLS block
+            if line.startswith("listener 8883"):
+                line = f"listener 8883 {tls_listen}\n" if tls_listen else "listener 8883\n"
+            elif line.startswith("require_certificate"):
+                line = f"require_certificate {'true' if client_certs else 'false'}\n"
+        if not line.startswith("#"):
+            line = line.replace("/etc/mosquitto/", f"{conf}/")
+        lines.append(line)
+    return "".join(lines)
 
 
 def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -188,8 +482,19 @@ class MosquittoBroker:
         directory, removed by :meth:`close`.
     :param persistence: directory for Mosquitto's persistence file (retained messages and
         persistent sessions survive :meth:`restart`); ``None`` = no persistence.
-    :param server_user: user name that gets read/write on ``edgehmoe/#``.
+    :param server_user: user name that gets read/write on the runs' topics.
+    :param runs: run names written into the ACL (devices can publish and read only under
+        these); ``None`` = any run (``+``), for throw-away brokers whose run names are not
+        known up front.  :meth:`add_run` admits another run later.
+    :param bind_client_ids: ``use_username_as_clientid true`` (with ``auth``): a client's id is
+        its user name, so no credential can take over another client's session.
+    :param max_payload_bytes: largest wire payload; ``max_packet_size`` is this plus 64 KiB.
+    :param max_queued_bytes: bytes queued per disconnected client (default
+        :func:`default_max_queued_bytes`; 0 = no limit); ``max_queued_messages``: messages queued
+        per disconnected client.  In-flight bytes per client are limited to one maximal packet.
     :param certfile, keyfile: serve TLS (``mqtts://``) with this certificate and key.
+    :param cafile: CA that signs client certificates; with ``require_certificate=True`` a client
+        without a certificate signed by it is refused in the TLS handshake (mutual TLS).
     :param verbose: log every packet (``log_type all``) to the broker log.
     """
 
@@ -206,6 +511,13 @@ class MosquittoBroker:
         certfile: Union[str, Path, None] = None,
         keyfile: Union[str, Path, None] = None,
         verbose: bool = False,
+        runs: Optional[Sequence[str]] = None,
+        bind_client_ids: bool = True,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        max_queued_bytes: Optional[int] = None,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+        cafile: Union[str, Path, None] = None,
+        require_certificate: bool = False,
     ) -> None:
         self.executable = executable or find_mosquitto()
         self.auth = auth
@@ -217,7 +529,21 @@ class MosquittoBroker:
             raise UsageError("give both certfile and keyfile for TLS, or neither")
         self.certfile = Path(certfile) if certfile else None
         self.keyfile = Path(keyfile) if keyfile else None
+        if (cafile is not None or require_certificate) and self.certfile is None:
+            raise UsageError("cafile/require_certificate need TLS: give certfile and keyfile too")
+        if require_certificate and cafile is None:
+            raise UsageError("require_certificate needs the cafile that signs the client certificates")
+        self.cafile = Path(cafile) if cafile else None
+        self.require_certificate = bool(require_certificate)
         self.verbose = verbose
+        self.runs: Optional[List[str]] = None if runs is None else [_check_run(r) for r in runs]
+        self.bind_client_ids = bool(bind_client_ids)
+        self.max_packet_bytes = max_packet_bytes(max_payload_bytes)
+        self.max_queued_bytes = (default_max_queued_bytes(self.max_packet_bytes) if max_queued_bytes is None
+                                 else int(max_queued_bytes))
+        self.max_queued_messages = int(max_queued_messages)
+        if self.max_queued_bytes < 0 or self.max_queued_messages < 0:
+            raise UsageError("max_queued_bytes and max_queued_messages must be >= 0 (0 = no limit)")
         self._own_run_dir = run_dir is None
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="edgehmoe-mosquitto-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +590,17 @@ class MosquittoBroker:
         if self.running:
             self.reload()
 
+    def add_run(self, run: str) -> None:
+        """Admit run ``run`` in the ACL (no-op when the ACL allows any run); reload if running."""
+        run = _check_run(run)
+        if self.runs is None or run in self.runs:
+            return
+        self.runs.append(run)
+        if self.auth:
+            self._write_acl()
+            if self.running:
+                self.reload()
+
     def reload(self, timeout: float = 5.0) -> None:
         """Make Mosquitto re-read its password and ACL files (SIGHUP) and wait until it has."""
         if not self.running:
@@ -304,8 +641,14 @@ class MosquittoBroker:
             "per_listener_settings false",
             f"listener {self.port} {self.host}",
         ]
+        if self.auth and self.bind_client_ids:
+            # Listener option: the client id becomes the user name (no session takeover).
+            lines += ["use_username_as_clientid true"]
         if self.certfile is not None:
             lines += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+            if self.cafile is not None:
+                lines += [f"cafile {self.cafile}"]
+            lines += [f"require_certificate {'true' if self.require_certificate else 'false'}"]
         if self.auth:
             lines += ["allow_anonymous false", f"password_file {self.password_file}", f"acl_file {self.acl_file}"]
         else:
@@ -315,7 +658,10 @@ class MosquittoBroker:
         else:
             lines += ["persistence false"]
         lines += [
-            f"max_packet_size {_MAX_PACKET_BYTES}",
+            f"max_packet_size {self.max_packet_bytes}",
+            f"max_queued_bytes {self.max_queued_bytes}",
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_inflight_bytes {self.max_packet_bytes}",
             f"log_dest file {self.log_path}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
@@ -329,12 +675,15 @@ class MosquittoBroker:
         if self.persistence is not None:
             self.persistence.mkdir(parents=True, exist_ok=True)
         if self.auth:
-            self.acl_file.write_text(render_acl(self.server_user), encoding="utf-8")
-            os.chmod(self.acl_file, 0o600)
+            self._write_acl()
             if not self.password_file.exists():
                 # An empty password file is valid: nobody can log in until add_user().
                 self.password_file.touch(mode=0o600)
         self.config_path.write_text(self._config_text(), encoding="utf-8")
+
+    def _write_acl(self) -> None:
+        self.acl_file.write_text(render_acl(self.server_user, self.runs), encoding="utf-8")
+        os.chmod(self.acl_file, 0o600)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
     from edgehmoe.fl import wire
 
     # Prepare
-    f = fed(3)
+    f = fed(3, extra_users=("edgehmoe-monitor",))
     cfg = f.config("t-kill", rounds=3, round_timeout_s=30.0)
     f.start_clients(cfg.run.name)
     victim = "dev-2"
@@ -259,8 +259,10 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
         watch = f.broker  # noqa: F841
         from edgehmoe.fl.mqtt import MqttConnection, Topics
 
-        conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-server",
-                                       password=f.passwords["edgehmoe-server"])
+        # The read-only monitor account: a second login as the server would take over its
+        # session (client ids are user names, issue #10).
+        conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-monitor",
+                                       password=f.passwords["edgehmoe-monitor"])
         conn.connect(timeout=10)
         conn.subscribe(Topics(cfg.run.name).status(victim))
         try:

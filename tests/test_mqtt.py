@@ -239,6 +239,8 @@ def test_last_will_marks_killed_device_offline(mosquitto) -> None:
         proc.stderr.close()
 
     # The will was retained: a server that subscribes later still sees the device offline.
+    # (One login per user name: client ids are user names, so the first server leaves first.)
+    server.close()
     late = mosquitto.client("edgehmoe-server", "late-server")
     late.subscribe(topics.status_filter())
     assert decode(late.receive(timeout=10)[1], expect=Status).state == "offline"
@@ -396,9 +398,19 @@ def test_shipped_acl_template_is_what_the_broker_uses() -> None:
     from edgehmoe.server.broker import TEMPLATE_DIR, render_acl
 
     assert render_acl() == (TEMPLATE_DIR / "acl").read_text()
-    custom = render_acl("fl-server")
-    assert "user fl-server\ntopic readwrite edgehmoe/#" in custom
-    assert "pattern read edgehmoe/+/device/%u/task" in custom
+    custom = render_acl("fl-server", runs=["cifar", "tiny"])
+    assert "user fl-server\ntopic readwrite edgehmoe/cifar/#\ntopic readwrite edgehmoe/tiny/#\n" in custom
+    assert "pattern read edgehmoe/cifar/device/%u/task\npattern read edgehmoe/tiny/device/%u/task\n" in custom
+    rules = [line for line in custom.splitlines() if line and not line.startswith("#")]
+    assert len(rules) == 2 + 2 * 2 + 2 * 4  # 2 user lines, 2 runs x (server + monitor + 4 device rules)
+    assert "edgehmoe/edgehmoe/" not in custom and "edgehmoe/+/" not in custom
+    assert "pattern write edgehmoe/+/device/%u/result" in render_acl(runs=None)
+
+
+def test_shipped_broker_config_template_is_the_default_rendering() -> None:
+    from edgehmoe.server.broker import TEMPLATE_DIR, render_broker_config
+
+    assert render_broker_config() == (TEMPLATE_DIR / "mosquitto.conf").read_text()
 
 
 def test_production_config_template_starts(tmp_path: Path) -> None:
@@ -409,7 +421,7 @@ def test_production_config_template_starts(tmp_path: Path) -> None:
     port = free_port()
     text = (TEMPLATE_DIR / "mosquitto.conf").read_text()
     for old, new in [
-        ("listener 1883\n", f"listener {port} 127.0.0.1\n"),
+        ("listener 1883 127.0.0.1\n", f"listener {port} 127.0.0.1\n"),
         ("/etc/mosquitto/edgehmoe.passwd", str(tmp_path / "passwd")),
         ("/etc/mosquitto/edgehmoe.acl", str(tmp_path / "acl")),
         ("/var/lib/mosquitto/", f"{tmp_path}/db/"),

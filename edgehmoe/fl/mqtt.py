@@ -18,12 +18,19 @@ disconnected client's queue; a message expiry interval lets a task die with its 
 Mosquitto >= 1.6, EMQX and HiveMQ support v5; ``protocol="3.1.1"`` remains for brokers that
 do not.
 
+TLS: ``mqtts://`` verifies the broker's certificate (``cafile`` for a private CA) and can
+present a client certificate (``certfile``/``keyfile``) to a broker that requires one (mutual
+TLS).  Plain ``mqtt://`` to a host that is not loopback logs a warning: the password and every
+model update would cross the network readable (and alterable) by anyone on it; ``insecure=True``
+(the client's ``--insecure``) silences it for a closed lab network.  See ``docs/security.md``.
+
 Modelled on paho-mqtt's ``examples/client_sub.py`` and ``client_logger.py`` (callback API
 version 2, five-argument ``on_connect``, ``enable_logger``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import queue
@@ -53,6 +60,7 @@ __all__ = [
     "DEFAULT_TLS_PORT",
     "TOPIC_ROOT",
     "parse_broker_url",
+    "is_loopback_host",
     "Topics",
     "Will",
     "MqttError",
@@ -124,6 +132,20 @@ def parse_broker_url(url: str) -> Tuple[str, int, bool]:
     if not 1 <= port <= 65535:
         raise UsageError(f"bad broker URL {url!r}: port {port} out of range 1-65535")
     return host, port, tls
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` (and ``*.localhost``) and loopback addresses (127.0.0.0/8, ::1).
+
+    Names are not resolved: a name that happens to resolve to 127.0.0.1 counts as remote.
+    """
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 _KINDS = ("hello", "status", "task", "result")
@@ -300,6 +322,9 @@ class MqttConnection:
         password: Optional[str] = None,
         tls: bool = False,
         cafile: Optional[str] = None,
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        insecure: bool = False,
         will: Optional[Will] = None,
         keepalive: int = 30,
         protocol: str = "5",
@@ -316,6 +341,16 @@ class MqttConnection:
             raise UsageError("client_id is required (use the device id, or e.g. 'edgehmoe-server-<run>')")
         if cafile is not None and not tls:
             raise UsageError("cafile given but tls is off; use an mqtts:// URL or tls=True")
+        if (certfile is None) != (keyfile is None):
+            raise UsageError("give both certfile and keyfile (client certificate and its key), or neither")
+        if certfile is not None and not tls:
+            raise UsageError("certfile/keyfile given but tls is off; use an mqtts:// URL or tls=True")
+        if not tls and not insecure and not is_loopback_host(host):
+            logger.warning(
+                "plain MQTT to %s:%s: the password%s and every model update cross the network unencrypted, "
+                "readable and alterable by anyone on it; use mqtts://%s (TLS: edgehmoe-server broker-config "
+                "--tls, docs/security.md), or pass --insecure (insecure=True) on a closed lab network",
+                host, port, f" of user {username!r}" if username else "", host)
         self.host = host
         self.port = int(port)
         self.client_id = client_id
@@ -340,6 +375,7 @@ class MqttConnection:
         # mid -> (monotonic time of the ack, reason code or list of reason codes)
         self._acks: Dict[int, Tuple[float, Any]] = {}
         self._connect_callbacks: List[Callable[[], None]] = []
+        self._tls_error: Optional[str] = None  # last TLS failure paho logged (e.g. certificate required)
 
         if self._v5:
             client = _paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=_paho.MQTTv5)
@@ -357,10 +393,18 @@ class MqttConnection:
         if username is not None:
             client.username_pw_set(username, password)
         if tls:
-            # Default context: verifies the broker certificate and host name; cafile adds a private CA.
-            client.tls_set(ca_certs=cafile)
+            # Default context: verifies the broker certificate and host name; cafile adds a private
+            # CA; certfile/keyfile are our certificate for brokers that require one (mutual TLS).
+            try:
+                client.tls_set(ca_certs=cafile, certfile=certfile, keyfile=keyfile)
+            except (ssl.SSLError, OSError) as err:
+                raise UsageError(
+                    f"cannot load the TLS files (cafile={cafile!r}, certfile={certfile!r}, keyfile={keyfile!r}): "
+                    f"{err}; check the paths and that the key belongs to the certificate"
+                ) from err
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.on_log = self._on_log
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -416,6 +460,14 @@ class MqttConnection:
                 callback()
             except Exception:  # noqa: BLE001 - a hook must not kill the network thread
                 logger.exception("%s: connect callback %r failed", self.client_id, callback)
+
+    def _on_log(self, client: Any, userdata: Any, level: int, buf: str) -> None:
+        # With TLS 1.3 a broker that refuses our (missing) client certificate says so only after
+        # the handshake, as an alert paho meets while reading; keep it for connect()'s error.
+        if level == _paho.MQTT_LOG_ERR and ("SSL" in buf or "certificate" in buf.lower()):
+            with self._cond:
+                self._tls_error = buf
+                self._cond.notify_all()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._loop_thread = threading.get_ident()
@@ -504,6 +556,7 @@ class MqttConnection:
         with self._cond:
             self._closing = False
             self._refusal = None
+            self._tls_error = None
         self._client.connect_timeout = timeout
         try:
             if self._v5:
@@ -521,15 +574,25 @@ class MqttConnection:
         self._client.loop_start()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self._ready() and self._refusal is None:
+            while not self._ready() and self._refusal is None and self._tls_error is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            connected, refusal = self._ready(), self._refusal
+            connected, refusal, tls_error = self._ready(), self._refusal, self._tls_error
         if connected:
             return
         self._shutdown()
+        if refusal is None and tls_error is not None:
+            hint = "check --cafile, and the broker's certificate and host name"
+            if "certificate required" in tls_error.lower() or "CERTIFICATE_REQUIRED" in tls_error:
+                hint = ("the broker requires a client certificate: give --certfile and --keyfile "
+                        "(EDGEHMOE_CERTFILE/EDGEHMOE_KEYFILE; edgehmoe-server credentials add --client-cert)")
+            elif "unknown ca" in tls_error.lower() or "bad certificate" in tls_error.lower():
+                hint = "the broker rejected our client certificate: it must be signed by the broker's CA"
+            raise ConnectionError(
+                f"TLS connection of client {self.client_id!r} to MQTT broker {self.host}:{self.port} failed: "
+                f"{tls_error}; {hint}")
         if refusal is not None:
             code = _reason_value(refusal)
             # Mosquitto 2 answers a wrong password with 0x87 "not authorized", not 0x86.
