@@ -44,6 +44,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--username", default=_env("EDGEHMOE_USERNAME"), help="broker user (default: the device id)")
     p.add_argument("--password-file", default=_env("EDGEHMOE_PASSWORD_FILE"))
     p.add_argument("--cafile", default=_env("EDGEHMOE_CAFILE"), help="CA certificate for mqtts://")
+    p.add_argument("--certfile", default=_env("EDGEHMOE_CERTFILE"),
+                   help="this device's client certificate, for a broker that requires one (mutual TLS, mqtts://)")
+    p.add_argument("--keyfile", default=_env("EDGEHMOE_KEYFILE"), help="private key of --certfile")
+    p.add_argument("--insecure", action="store_true", default=_env("EDGEHMOE_INSECURE", "") not in ("", "0"),
+                   help="allow plain mqtt:// to a remote broker without the warning (closed lab networks only)")
     p.add_argument("--threads", type=int, default=int(_env("EDGEHMOE_THREADS", 0)), help="torch threads (0 = default)")
     p.add_argument("--state-dir", default=_env("EDGEHMOE_STATE_DIR"), help="keeps the last result across restarts")
     p.add_argument("--max-tasks", type=int, default=0, help=argparse.SUPPRESS)
@@ -70,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.broker, args.device_id, args.data, run=args.run, memory_budget_mb=args.memory_budget_mb,
         username=args.username or (args.device_id if password else None), password=password,
         cafile=args.cafile, threads=args.threads, state_dir=args.state_dir, max_tasks=args.max_tasks,
+        certfile=args.certfile, keyfile=args.keyfile, insecure=args.insecure,
     )
     interrupted = []
 

@@ -4,8 +4,10 @@
 
     edgehmoe-server run --config run.toml [--resume]
     edgehmoe-server simulate --dataset SPEC --clients N --rounds R --model hmoe|flat|both --out runs/NAME
-    edgehmoe-server credentials add --password-file passwd --device-id pi-07 --out-dir creds/
-    edgehmoe-server broker-config --out-dir broker/   # mosquitto.conf + acl to start from
+    edgehmoe-server credentials add --password-file passwd --device-id pi-07 --out-dir creds/ \
+        [--client-cert --ca-dir broker/certs]        # + pi-07.crt/.key for mutual TLS
+    edgehmoe-server credentials cert --name edgehmoe-server --ca-dir broker/certs --out-dir creds/
+    edgehmoe-server broker-config --out-dir broker/ [--run NAME] [--tls [--tls-host HOST] [--client-certs]]
 """
 
 from __future__ import annotations
@@ -86,28 +88,84 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_credentials_add(args) -> int:
-    from edgehmoe.server.broker import create_device_credentials
+def _ca_files(ca_dir: str) -> tuple[Path, Path]:
+    from edgehmoe.errors import UsageError
 
+    if not ca_dir:
+        raise UsageError("--client-cert needs --ca-dir: the directory holding ca.crt and ca.key "
+                         "(broker-config --tls writes them to OUT_DIR/certs)")
+    files = Path(ca_dir) / "ca.crt", Path(ca_dir) / "ca.key"
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: --ca-dir must hold the CA's ca.crt and ca.key "
+                                    "(edgehmoe-server broker-config --tls writes them to OUT_DIR/certs)")
+    return files
+
+
+def cmd_credentials_add(args) -> int:
+    from edgehmoe.server.broker import create_client_certificate, create_device_credentials
+
+    ca = _ca_files(args.ca_dir) if args.client_cert else None
     path = create_device_credentials(args.password_file, args.device_id, args.out_dir)
     print(f"added {args.device_id} to {args.password_file}; its password is in {path} "
           "(copy it to the device, e.g. with firmware_scripts/flash_sd.sh --credentials)")
+    if ca is not None:
+        crt, key = create_client_certificate(*ca, args.out_dir, args.device_id, force=args.force)
+        print(f"client certificate {crt} and key {key} (mode 0600): copy both to the device and start it "
+              "with --certfile/--keyfile (EDGEHMOE_CERTFILE/EDGEHMOE_KEYFILE)")
     print("reload the broker to apply: systemctl reload mosquitto (or kill -HUP <pid>)")
     return 0
 
 
-def cmd_broker_config(args) -> int:
-    from edgehmoe.server.broker import TEMPLATE_DIR
+def cmd_credentials_cert(args) -> int:
+    from edgehmoe.server.broker import create_client_certificate
 
-    src = TEMPLATE_DIR
+    crt, key = create_client_certificate(*_ca_files(args.ca_dir), args.out_dir, args.name, force=args.force)
+    print(f"client certificate {crt} and key {key} (mode 0600) for {args.name}")
+    return 0
+
+
+def _default_tls_hosts() -> list[str]:
+    import socket
+
+    name = socket.gethostname()
+    return [name, f"{name}.local", socket.getfqdn(), "localhost", "127.0.0.1", "::1"]
+
+
+def cmd_broker_config(args) -> int:
+    from edgehmoe.server.broker import (
+        TEMPLATE_RUN,
+        create_ca,
+        create_server_certificate,
+        render_acl,
+        render_broker_config,
+    )
+
     out = Path(args.out_dir)
+    text = render_broker_config(
+        conf_dir=args.conf_dir, listen=args.listen, tls=args.tls, tls_listen=args.tls_listen,
+        client_certs=args.client_certs, max_payload_bytes=int(args.max_payload_mb * 1024 * 1024),
+        max_queued_bytes=None if args.max_queued_mb is None else int(args.max_queued_mb * 1024 * 1024),
+    )
+    files = {"mosquitto.conf": text, "acl": render_acl(runs=args.run or [TEMPLATE_RUN])}
+    targets = [out / name for name in files]
+    if args.tls:
+        targets += [out / "certs" / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise FileExistsError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        dst = out / f.name
-        if dst.exists() and not args.force:
-            raise FileExistsError(f"{dst} exists; pass --force to overwrite")
-        shutil.copyfile(f, dst)
-        print(f"wrote {dst}")
+    for name, content in files.items():
+        (out / name).write_text(content, encoding="utf-8")
+        print(f"wrote {out / name}")
+    if args.tls:
+        hosts = list(dict.fromkeys(args.tls_host or _default_tls_hosts()))
+        ca, ca_key = create_ca(out / "certs", force=args.force)
+        crt, key = create_server_certificate(ca, ca_key, out / "certs", hosts, force=args.force)
+        print(f"wrote {ca} (give it to every device: --cafile), {ca_key} (keep it safe, off the broker if you can), "
+              f"{crt} and {key} for {', '.join(hosts)}")
+        print(f"copy ca.crt, server.crt and server.key to {args.conf_dir}/certs/ (readable by the mosquitto user); "
+              f"devices connect to mqtts://{hosts[0]}:8883")
     return 0
 
 
@@ -159,11 +217,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     ca.add_argument("--password-file", required=True, help="Mosquitto password file to add to")
     ca.add_argument("--device-id", required=True)
     ca.add_argument("--out-dir", required=True, help="where <device-id>.password is written (mode 0600)")
+    ca.add_argument("--client-cert", action="store_true",
+                    help="also write <device-id>.crt/.key signed by the CA in --ca-dir (mutual TLS)")
+    ca.add_argument("--ca-dir", default="", help="directory with ca.crt and ca.key (broker-config --tls: OUT/certs)")
+    ca.add_argument("--force", action="store_true", help="replace an existing certificate")
     ca.set_defaults(func=cmd_credentials_add)
+    cc = cs.add_parser("cert", help="create a client certificate only (e.g. for the server under mutual TLS)")
+    cc.add_argument("--name", required=True, help="user name the certificate is for (its common name)")
+    cc.add_argument("--ca-dir", required=True, help="directory with ca.crt and ca.key")
+    cc.add_argument("--out-dir", required=True, help="where <name>.crt and <name>.key (mode 0600) are written")
+    cc.add_argument("--force", action="store_true", help="replace an existing certificate")
+    cc.set_defaults(func=cmd_credentials_cert)
 
-    b = sub.add_parser("broker-config", help="copy the example mosquitto.conf and ACL to start from")
+    b = sub.add_parser("broker-config", help="write mosquitto.conf and the ACL to start from (and TLS certificates)")
     b.add_argument("--out-dir", required=True)
     b.add_argument("--force", action="store_true")
+    b.add_argument("--run", action="append", metavar="NAME",
+                   help="run name the ACL admits (repeatable; default: the default run 'edgehmoe')")
+    b.add_argument("--listen", default="127.0.0.1",
+                   help="address of the plain MQTT listener on port 1883 (default 127.0.0.1; '' = all interfaces)")
+    b.add_argument("--conf-dir", default="/etc/mosquitto",
+                   help="where the password file, ACL and certs/ will live on the broker host (paths in the config)")
+    b.add_argument("--tls", action="store_true",
+                   help="enable the TLS listener on port 8883 and create a private CA and the broker certificate "
+                        "in OUT_DIR/certs")
+    b.add_argument("--tls-host", action="append", metavar="HOST",
+                   help="host name or IP address devices use for the broker (repeatable; default: this host's names "
+                        "and loopback)")
+    b.add_argument("--tls-listen", default="", help="address of the TLS listener (default: all interfaces)")
+    b.add_argument("--client-certs", action="store_true",
+                   help="mutual TLS: the TLS listener refuses clients without a certificate signed by the CA")
+    b.add_argument("--max-payload-mb", type=float, default=64.0,
+                   help="largest message the broker accepts, MiB (default 64 = the wire limit; today's experts "
+                        "need well under 1)")
+    b.add_argument("--max-queued-mb", type=float, default=None,
+                   help="bytes queued per disconnected client, MiB (default max(128, 2 x packet limit))")
     b.set_defaults(func=cmd_broker_config)
     return p
 

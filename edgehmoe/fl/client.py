@@ -55,6 +55,9 @@ class DeviceClient:
         state_dir: str | Path | None = None,
         max_tasks: int = 0,
         session_expiry_s: int = 86400,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        insecure: bool = False,
     ):
         from edgehmoe.data.partition import load_shard
 
@@ -66,6 +69,7 @@ class DeviceClient:
         self.username = username
         self.password = password
         self.cafile = cafile
+        self.certfile, self.keyfile, self.insecure = certfile, keyfile, insecure  # TLS client certificate
         self.threads = threads
         self.max_tasks = max_tasks
         self.session_expiry_s = session_expiry_s
@@ -120,8 +124,9 @@ class DeviceClient:
         will = Will(self.topics.status(self.device_id),
                     wire.encode(wire.Status(self.device_id, "offline", -1, "connection lost")), qos=1, retain=True)
         self.conn = MqttConnection.from_url(
-            self.broker, client_id=self.device_id, username=self.username, password=self.password,
-            cafile=self.cafile, will=will, session_expiry_s=self.session_expiry_s,
+            self.broker, client_id=self.username or self.device_id, username=self.username, password=self.password,
+            cafile=self.cafile, certfile=self.certfile, keyfile=self.keyfile, insecure=self.insecure,
+            will=will, session_expiry_s=self.session_expiry_s,
         )
 
         def announce() -> None:  # after every (re)connect, in the network thread: never block
