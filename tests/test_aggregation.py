@@ -88,6 +88,22 @@ def test_aggregate_per_expert() -> None:
     np.testing.assert_array_equal(out[4]["w"], [2.0, 2.0])
 
 
+def test_aggregate_per_expert_takes_dtypes_from_the_templates() -> None:
+    # Prepare: node 1's first update came back in float16; the server sent float32.
+    updates = {
+        1: [({"w": np.array([0.5], np.float16)}, 1), ({"w": np.array([1.0], np.float32)}, 1)],
+        4: [({"w": np.array([1.0], np.float16)}, 2)],
+    }
+    templates = {1: {"w": np.zeros(1, np.float32)}}
+
+    # Execute
+    out = aggregate_per_expert(updates, templates=templates)
+
+    # Assert: node 1 follows its template, node 4 (no template) its first update
+    assert out[1]["w"].dtype == np.float32 and out[1]["w"][0] == 0.75
+    assert out[4]["w"].dtype == np.float16 and out[4]["w"][0] == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # validate_update
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Federated averaging (FedAvg) of client updates, per expert.
 
 Pure functions over ``list[(arrays, num_examples)]`` in the style of Flower's
-``server/strategy/aggregate.py``; the server only orchestrates (collects results, calls
-:func:`validate_update` on each one, skips and logs the invalid ones, then aggregates).
+``server/strategy/aggregate.py``; the server only orchestrates (``server/rounds.py``
+collects results, calls :func:`validate_update` on each one, skips and logs the invalid ones,
+then calls :func:`aggregate_per_expert`).
 
 Reference: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
 Data", AISTATS 2017 (FedAvg: mean of client weights weighted by their number of examples).
@@ -107,11 +108,18 @@ def fedavg(updates: Sequence[Tuple[Mapping[str, np.ndarray], int]], *,
     return out
 
 
-def aggregate_per_expert(updates_by_node: Mapping[int, List[Tuple[Mapping[str, np.ndarray], int]]]
+def aggregate_per_expert(updates_by_node: Mapping[int, List[Tuple[Mapping[str, np.ndarray], int]]],
+                         templates: Optional[Mapping[int, Mapping[str, np.ndarray]]] = None,
                          ) -> Dict[int, Weights]:
     """FedAvg separately for each expert node.
 
     Nodes with an empty update list are left out of the result (the caller keeps their previous
     weights), so in parallel mode an expert nobody trained this round is simply not updated.
+
+    :param templates: optional ``{node: weights}`` giving each node's output dtypes and name
+        order (the weights the server sent); without one a node follows its first update, so a
+        float16 update listed first would make the average float16.
     """
-    return {node: fedavg(updates) for node, updates in updates_by_node.items() if updates}
+    templates = templates or {}
+    return {node: fedavg(updates, template=templates.get(node))
+            for node, updates in updates_by_node.items() if updates}
