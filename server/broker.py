@@ -119,13 +119,14 @@ _MAX_PACKET_BYTES = MAX_PACKET_BYTES  # old private name
 
 def default_max_queued_bytes(packet_bytes: int = MAX_PACKET_BYTES) -> int:
     """Bytes of QoS 1 messages the broker queues for one disconnected client (e.g. the server
-    while it restarts): 128 MiB, and at least two maximal packets.
+    while it restarts): 64 MiB, and at least one maximal packet.
 
-    That holds a round of results from a few hundred devices at today's model sizes (well under
-    1 MiB each) but no longer an unbounded pile from one device (issue #10 row 7: 5 x 50 MB for
-    an offline server grew the broker from 9.5 to 317 MB).  Mosquitto drops what is beyond it.
+    That holds a round of results from a hundred or more devices at today's model sizes (well
+    under 1 MiB each) but no longer an unbounded pile from one device (issue #10 row 7: 5 x 50 MB
+    for an offline server grew the broker from 9.5 to 317 MB).  Mosquitto drops what is beyond
+    it (the publisher still gets its PUBACK).
     """
-    return max(128 * 1024 * 1024, 2 * packet_bytes)
+    return max(64 * 1024 * 1024, packet_bytes)
 
 
 #: ``max_queued_bytes`` for the default packet limit.

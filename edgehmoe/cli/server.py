@@ -251,7 +251,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="largest message the broker accepts, MiB (default 64 = the wire limit; today's experts "
                         "need well under 1)")
     b.add_argument("--max-queued-mb", type=float, default=None,
-                   help="bytes queued per disconnected client, MiB (default max(128, 2 x packet limit))")
+                   help="bytes queued per disconnected client, MiB (default max(64, packet limit))")
     b.set_defaults(func=cmd_broker_config)
     return p
 

@@ -275,6 +275,14 @@ def _reason_failed(reason: Any) -> bool:
 OnMessage = Callable[[str, bytes], None]
 
 
+def _publish_packet_size(topic: str, payload: Union[bytes, bytearray, str], properties: Any) -> int:
+    """Bytes of the PUBLISH packet (upper bound): fixed header, topic, packet id, properties, payload."""
+    body = len(payload.encode("utf-8") if isinstance(payload, str) else payload)
+    props = len(properties.pack()) if properties is not None else 1
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + props + body
+    return 1 + 4 + remaining  # 1 byte type/flags + up to 4 bytes remaining length
+
+
 class _QuietDisconnectRace(logging.Filter):
     """paho's network loop logs "Client is not connected" at ERROR when it wakes up after a
     disconnect (ours on close, or a dropped link it is about to re-establish). It is benign
@@ -376,6 +384,8 @@ class MqttConnection:
         self._acks: Dict[int, Tuple[float, Any]] = {}
         self._connect_callbacks: List[Callable[[], None]] = []
         self._tls_error: Optional[str] = None  # last TLS failure paho logged (e.g. certificate required)
+        #: The broker's Maximum Packet Size from its last CONNACK (MQTT v5), ``None`` = not announced.
+        self.broker_max_packet_size: Optional[int] = None
 
         if self._v5:
             client = _paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=_paho.MQTTv5)
@@ -434,7 +444,9 @@ class MqttConnection:
                 self._connected = False
                 self._cond.notify_all()
             return
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         with self._cond:
+            self.broker_max_packet_size = int(max_packet) if max_packet else None
             subscriptions = list(self._subscriptions.items())
             reconnect = self._ever_connected
             self._refusal = None
@@ -715,6 +727,15 @@ class MqttConnection:
                 properties.MessageExpiryInterval = max(1, int(math.ceil(expiry_s)))
             else:
                 logger.debug("%s: message expiry needs MQTT v5; ignored", self.client_id)
+        limit = self.broker_max_packet_size
+        if limit is not None:
+            # Mosquitto answers an oversized PUBLISH by closing the connection, and paho would resend
+            # the queued message after every reconnect: refuse it here instead, once, with the reason.
+            size = _publish_packet_size(topic, payload, properties)
+            if size > limit:
+                raise MqttError(
+                    f"message to {topic} is a {size}-byte packet, above the broker's maximum packet size of "
+                    f"{limit} bytes (max_packet_size in mosquitto.conf; see docs/security.md); not sent")
         if wait and qos > 0:
             self._check_not_network_thread("PUBACK")
         since = time.monotonic()
