@@ -536,7 +536,7 @@ def test_install_client_writes_config_and_unit_and_second_run_changes_nothing(tm
 
     constraints = (root / "etc/edgehmoe/constraints.txt").read_text().splitlines()
     pins = [line for line in constraints if line and not line.startswith("#")]
-    assert pins == ["onnxruntime!=1.21.*", "torch!=2.1.0,!=2.4.0,!=2.6.*,!=2.10.*"]
+    assert pins == ["onnxruntime!=1.21.*", "torch!=2.1.0,!=2.4.0,!=2.6.*,!=2.10.*,<2.10"]
 
 
 def test_unit_files_pass_systemd_analyze_verify(tmp_path, inputs):

@@ -164,19 +164,23 @@ rm -rf -- "$LOGS"
 mkdir -p -- "$ROOT" "$HOST" "$LOGS"
 SUMMARY=$LOGS/summary.txt
 : >"$SUMMARY"
-PIDS=()
+PIDS=()        # background processes we started (broker, client, the running step)
 T_START=$(date +%s)
+
+# kill_tree PID: stop PID and everything it started (children first), by process id; the
+# emulated processes of the chroot are ordinary children on the host.
+kill_tree() {
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill -TERM "$1" 2>/dev/null || true
+}
 
 mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1' | sort -r; }
 
 cleanup() {
     local rc=$? pid m
     set +e
-    for pid in "${PIDS[@]}"; do
-        # /usr/bin/time's child first (time itself outlives a SIGTERM'd child only briefly).
-        pkill -TERM -P "$pid" 2>/dev/null
-        kill -TERM "$pid" 2>/dev/null
-    done
+    for pid in "${PIDS[@]}"; do kill_tree "$pid"; done
     for pid in "${PIDS[@]}"; do
         for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
         kill -KILL "$pid" 2>/dev/null
@@ -198,11 +202,16 @@ trap 'exit 143' TERM
 note() { printf '%s\n' "$*" >>"$SUMMARY"; info "$*"; }
 
 # run_step NAME CMD...: run CMD with its output in $LOGS/NAME.log; on failure show the log's end.
+# CMD runs in the background and is waited for, so a signal to this script is handled at once.
 run_step() {
-    local name=$1 t0 rc=0
+    local name=$1 t0 rc=0 pid
     shift
     t0=$(date +%s)
-    "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+    "$@" <&0 >"$LOGS/$name.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || rc=$?
+    unset 'PIDS[-1]'
     STEP_SECONDS=$(($(date +%s) - t0))
     if [ "$rc" != 0 ]; then
         printf '%s: step %s failed (exit %s) after %s s; end of %s:\n' "$PROG" "$name" "$rc" "$STEP_SECONDS" "$LOGS/$name.log" >&2
@@ -425,7 +434,7 @@ EOF
     kill -0 "$client_pid" 2>/dev/null || fail "the client exited during the run (see $LOGS/client.log)"
     # $client_pid is /usr/bin/time; its child is the client (chroot, env, setpriv, sh and
     # edgehmoe-run all exec), which SIGTERM stops as systemctl stop would.
-    pkill -TERM -P "$client_pid" || true
+    kill_tree "$client_pid"
     wait "$client_pid" 2>/dev/null || true
     run_step federation-check "$HOST_PY" - "$run" "$ROUNDS" "$DEVICE_ID" <<'EOF'
 import json, sys
