@@ -6,6 +6,7 @@ Broker users (see conftest.py): ``edgehmoe-server`` (read/write edgehmoe/#), ``d
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -90,6 +91,36 @@ def test_parse_broker_url_errors(url: str, message: str) -> None:
 def test_bad_url_in_connection() -> None:
     with pytest.raises(ValueError, match="expected mqtt://HOST"):
         MqttConnection.from_url("mqtt://host:port", client_id="x")
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("localhost", True), ("LOCALHOST.", True), ("pi.localhost", True), ("127.0.0.1", True), ("127.8.9.10", True),
+    ("::1", True), ("[::1]", True), ("broker.lan", False), ("10.0.0.2", False), ("localhost.example.com", False),
+    ("::ffff:10.0.0.1", False), ("0.0.0.0", False),
+])
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    from edgehmoe.fl.mqtt import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+def test_plain_mqtt_to_a_remote_broker_warns(caplog) -> None:
+    # Issue #10: mqtt:// was the default with no warning although the password crosses the network.
+    def warnings_for(url: str, **kwargs) -> list:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgehmoe.fl.mqtt"):
+            MqttConnection.from_url(url, client_id="dev-a", username="dev-a", password="pw", **kwargs)
+        return [r.getMessage() for r in caplog.records if r.name == "edgehmoe.fl.mqtt"]
+
+    [message] = warnings_for("mqtt://broker.lan:1883")
+    assert message.startswith("plain MQTT to broker.lan:1883: the password of user 'dev-a' and every model update "
+                              "cross the network unencrypted")
+    assert "use mqtts://broker.lan" in message and "--insecure" in message
+    assert warnings_for("mqtt://broker.lan:1883", insecure=True) == []
+    assert warnings_for("mqtt://127.0.0.1:1883") == []
+    assert warnings_for("mqtt://localhost") == []
+    assert warnings_for("mqtt://[::1]:1883") == []
+    assert warnings_for("mqtts://broker.lan") == []
 
 
 def test_topics() -> None:
