@@ -166,7 +166,7 @@ def test_bench_worker_runs_without_torch(bundle):
 
 
 def test_bench_bad_arguments_are_one_line_errors(capsys):
-    from edgehmoe.measure.bench_inference import main
+    from edgehmoe.cli.bench_inference import main
 
     assert main([]) == 2
     assert capsys.readouterr().err == "bench_inference: error: give --bundle BUNDLE (or --make-cifar-bundle DIR)\n"

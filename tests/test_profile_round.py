@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgehmoe.cli.profile import main as profile_main
 from edgehmoe.measure import limits
 from edgehmoe.measure import profile as pr
 
@@ -53,7 +54,7 @@ def smoke(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = pr.main(argv)
+        rc = profile_main(argv)
     return {"rc": rc, "stdout": buf.getvalue(), "json": out_json, "png": out_png}
 
 
@@ -195,20 +196,20 @@ def test_read_info_f1_missing_and_partial(tmp_path):
 
 @pytest.mark.parametrize("spec", ["nope:x", "cifar100:/does/not/exist", "synthetic:foo=1"])
 def test_bad_dataset_is_one_line_error(spec, capsys):
-    rc = pr.main(["--dataset", spec, "--repeats", "1"])
+    rc = profile_main(["--dataset", spec, "--repeats", "1"])
     err = capsys.readouterr().err
     assert rc != 0
     assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("entry", [[str(ROOT / "tools" / "profile_round.py")], ["-m", "edgehmoe.measure.profile"]])
+@pytest.mark.parametrize("entry", [[str(ROOT / "tools" / "profile_round.py")], ["-m", "edgehmoe.cli.profile"]])
 def test_entry_points_give_the_same_one_line_error_and_exit_code(entry):
     # The thin tools/ script and the module entry run the installed profiler: same error line
     # (prefixed with the command's name) and exit status 1 for a dataset that cannot load.
     # Execute
     p = subprocess.run([sys.executable, *entry, "--dataset", "nope:x"], capture_output=True, text=True, timeout=120)
     # Assert
-    prog = "profile_round.py" if entry[0].endswith(".py") else "python -m edgehmoe.measure.profile"
+    prog = "profile_round.py" if entry[0].endswith(".py") else "python -m edgehmoe.cli.profile"
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.startswith(f"{prog}: error: cannot load dataset 'nope:x': unknown dataset kind 'nope'")
     assert p.stderr.count("\n") == 1

@@ -4,6 +4,7 @@ import torch
 from tree9 import tree9
 
 from edgehmoe.measure.meter import RoundMeter
+from edgehmoe.measure.rounds import measured_local_round
 from edgehmoe.model.arch import (
     ArchSpec,
     build_model,
@@ -17,7 +18,6 @@ from edgehmoe.model.training import (
     augment,
     load_state_arrays,
     local_round,
-    measured_local_round,
     predict_logits,
     state_arrays,
     train_epochs,

@@ -14,7 +14,7 @@ The client announces itself (retained ``hello`` with RAM, memory budget, cores, 
 per-class sample counts; retained ``status``; last will ``offline``), then waits for
 :class:`~edgehmoe.fl.wire.TrainTask` messages. For each task it checks the deadline and its
 memory budget (refusing with a ``refused`` status rather than being killed), trains the
-named expert on its samples under that node with :func:`edgehmoe.model.training.measured_local_round`
+named expert on its samples under that node with :func:`edgehmoe.measure.rounds.measured_local_round`
 (the same code the profiler measures), and publishes a :class:`~edgehmoe.fl.wire.TrainResult`
 with ``round_time_ms``, ``round_mem_mb`` and ``peak_rss_mb``. The MQTT session is persistent
 and reconnects by itself, so broker restarts and network drops lose no task; the last result
@@ -193,7 +193,8 @@ class DeviceClient:
                     result.num_examples, result.round_time_ms, result.round_mem_mb, result.loss)
 
     def train(self, task: wire.TrainTask, spec) -> wire.TrainResult:
-        from edgehmoe.model.training import TrainConfig, measured_local_round
+        from edgehmoe.measure.rounds import measured_local_round
+        from edgehmoe.model.training import TrainConfig
 
         cfg = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, momentum=task.momentum,
                           weight_decay=task.weight_decay, seed=task.seed, schedule="constant")

@@ -25,7 +25,7 @@ optimisation level, threads) for both models; ``--make-cifar-bundle DIR`` first 
 randomly initialised CIFAR-100-sized bundle (flat w=32 over 100 classes; root w=16 + 20
 experts w=8), which needs torch.
 
-Usage (``edgehmoe-bench-inference``, ``python -m edgehmoe.measure.bench_inference`` and
+Usage (``edgehmoe-bench-inference``, ``python -m edgehmoe.cli.bench_inference`` and
 ``python tools/bench_inference.py`` are the same command)::
 
     edgehmoe-bench-inference --make-cifar-bundle /tmp/cifar-bundle
@@ -35,24 +35,20 @@ Usage (``edgehmoe-bench-inference``, ``python -m edgehmoe.measure.bench_inferenc
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgehmoe.cli.common import add_debug_arg, run_main
-from edgehmoe.errors import RunError, UsageError
+from edgehmoe.errors import RunError
 from edgehmoe.measure.limits import run_child
 from edgehmoe.measure.meter import peak_rss_mb, release_free_memory, reset_peak, rss_mb
 from edgehmoe.measure.worker import worker_command, worker_env
 
-__all__ = ["SWEEP", "BenchError", "cnn3_macs", "get_args_parser", "inference_job", "main", "make_cifar_bundle"]
+__all__ = ["SWEEP", "BenchError", "cnn3_macs", "inference_job", "chain_over_flat", "make_cifar_bundle", "run_worker", "table"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +106,11 @@ def inference_job(cfg: dict) -> dict:
     """Measure one model (``cfg["model"]``: ``chain`` or ``flat``) of a bundle; run in a fresh
     child process (see :mod:`edgehmoe.measure.worker`). Returns one row of the JSON ``results``."""
     from edgehmoe.edge.manifest import read_manifest
-    from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor, make_session_options
+    from edgehmoe.edge.runtime import (
+        BundlePredictor,
+        FlatPredictor,
+        make_session_options,
+    )
 
     manifest = read_manifest(cfg["bundle"])
     shape = tuple(manifest["input"]["image_shape"])
@@ -193,7 +193,7 @@ def inference_job(cfg: dict) -> dict:
     return out
 
 
-def _run_worker(cfg: dict) -> dict:
+def run_worker(cfg: dict) -> dict:
     env = worker_env()
     # One thread for numpy's BLAS too, so the measurement is ONNX Runtime's thread setting.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -241,7 +241,7 @@ def make_cifar_bundle(out: str | Path, seed: int = 0, root_width: int = 16, expe
 
 
 # ---------------------------------------------------------------------- table
-def _table(rows: list[dict], batch_sizes: list[int]) -> str:
+def table(rows: list[dict], batch_sizes: list[int]) -> str:
     head = ["model", "options"] + [f"b={b} p50/p95 ms" for b in batch_sizes] + [f"b={b} cpu ms" for b in batch_sizes] + [
         "MMAC/img", "RSS MB", "ΔRSS MB", "peak Δ MB", "live Δ MB", "sessions"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -257,67 +257,8 @@ def _table(rows: list[dict], batch_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- command line
-def get_args_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", metavar="BUNDLE", help="bundle folder (manifest.json + .onnx files)")
-    p.add_argument("--make-cifar-bundle", metavar="DIR", help="first write a random CIFAR-100-sized bundle to DIR (needs torch)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1 = one Pi core)")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
-    p.add_argument("--repeats", type=int, default=200, help="timed calls per batch size (default 200)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--max-sessions", type=int, default=32, help="chain: expert sessions kept alive (default 32; 0 = all)")
-    p.add_argument("--models", default="chain,flat", help="which to measure: chain, flat (default both)")
-    p.add_argument("--dataset", metavar="SPEC", help="real images instead of random ones (e.g. cifar100:PATH)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--pool", type=int, default=1000, help="distinct input images to draw batches from")
-    p.add_argument("--sweep", action="store_true", help="also measure session-option variants (see SWEEP)")
-    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
-                   help="run workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): big buffers are unmapped when freed")
-    p.add_argument("--json", metavar="FILE", help="write all results as JSON")
-    add_debug_arg(p)
-    # Before edgehmoe.measure.worker existed the workers were started with this flag; kept so
-    # that such a command line still works (prints the result row as one JSON line).
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = get_args_parser(prog).parse_args(argv)
-    if args._worker:
-        print(json.dumps(inference_job(json.loads(args._worker))))
-        return 0
-    return run_main("bench_inference", lambda: _run(args), debug=args.debug)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.make_cifar_bundle:
-        args.bundle = str(make_cifar_bundle(args.make_cifar_bundle))
-        print(f"wrote random CIFAR-100-sized bundle to {args.bundle}", file=sys.stderr)
-    if not args.bundle:
-        raise UsageError("give --bundle BUNDLE (or --make-cifar-bundle DIR)")
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UsageError(f"--batch-sizes must be integers like 1,32; got {args.batch_sizes!r}") from None
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ("chain", "flat")]
-    if bad or not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError(f"--models takes chain,flat (got {bad}); batch sizes must be >= 1")
-    base = {"bundle": args.bundle, "threads": args.threads, "batch_sizes": batch_sizes, "repeats": args.repeats,
-            "warmup": args.warmup, "max_sessions": args.max_sessions, "dataset": args.dataset, "split": args.split,
-            "pool": args.pool, "mmap_threshold": args.mmap_threshold}
-    variants = SWEEP if args.sweep else {"default": {}}
-    rows = []
-    for name, opts in variants.items():
-        for model in models:
-            r = _run_worker({**base, "model": model, "options": opts})
-            r["variant"] = name
-            rows.append(r)
-            print(f"measured {model} [{name}]", file=sys.stderr)
-    print(f"bundle {args.bundle}, threads {args.threads}, inputs: {args.dataset or 'random uint8'}, "
-          f"repeats {args.repeats}, max_sessions {args.max_sessions}")
-    print(_table(rows, batch_sizes))
+def chain_over_flat(rows: list[dict], variants, batch_sizes: list[int]) -> dict:
+    """Per variant: chain / flat ratios of p50 latency per batch size and of memory."""
     summary = {}
     for name in variants:
         by = {r["model"]: r for r in rows if r["variant"] == name}
@@ -329,12 +270,4 @@ def _run(args: argparse.Namespace) -> int:
                 "peak_delta_ratio": by["chain"]["peak_delta_mb"] / max(by["flat"]["peak_delta_mb"], 1e-9),
                 "live_delta_ratio": by["chain"]["live_delta_mb"] / max(by["flat"]["live_delta_mb"], 1e-9),
             }
-    if summary:
-        print("chain / flat: " + json.dumps(summary, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": base, "results": rows, "chain_over_flat": summary}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m edgehmoe.measure.bench_inference"))
+    return summary

@@ -34,7 +34,6 @@ __all__ = [
     "state_arrays",
     "load_state_arrays",
     "relabel_samples",
-    "measured_local_round",
     "warm_up",
 ]
 
@@ -249,28 +248,6 @@ def predict_proba(model: nn.Module, x: np.ndarray, mean: np.ndarray, std: np.nda
     logits = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def measured_local_round(
-    arch: ArchSpec | dict,
-    weights: dict[str, np.ndarray] | None,
-    label_map: np.ndarray,
-    x: np.ndarray,
-    labels: np.ndarray,
-    cfg: TrainConfig,
-    mean: np.ndarray,
-    std: np.ndarray,
-):
-    """:func:`local_round` inside a :class:`~edgehmoe.measure.meter.RoundMeter`.
-
-    This is exactly what the device client runs per task and what the profiler measures.
-    Returns ``(RoundOutput, RoundMeasurement)``.
-    """
-    from edgehmoe.measure.meter import RoundMeter
-
-    with RoundMeter() as meter:
-        out = local_round(arch, weights, label_map, x, labels, cfg, mean, std)
-    return out, meter.result
 
 
 def warm_up() -> None:
