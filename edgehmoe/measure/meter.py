@@ -1,7 +1,7 @@
 """The one memory and time meter: what a round (or any block) of this process costs.
 
 Everything in edgehmoe that reads resident memory goes through this module: the device client
-(:func:`edgehmoe.model.training.measured_local_round`), the per-round profiler
+(:func:`edgehmoe.measure.rounds.measured_local_round`), the per-round profiler
 (:mod:`edgehmoe.measure.profile`), the memory-limit watchdog (:mod:`edgehmoe.measure.limits`)
 and the inference bench (:mod:`edgehmoe.measure.bench_inference`).
 
