@@ -4,7 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgehmoe-installed
-DEMO_ARGS ?= --dataset synthetic --clients 3 --rounds 30 --model both --weighting sqrt --expert-epochs 3 --eval-every 5
+# --dashboard: the run's live web page at http://127.0.0.1:8765/ (printed first; it stops with the demo)
+DEMO_ARGS ?= --dataset synthetic --clients 3 --rounds 30 --model both --weighting sqrt --expert-epochs 3 --eval-every 5 \
+    --dashboard 127.0.0.1:8765
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup system-deps clean pi-check

@@ -99,6 +99,12 @@ class EvalSection:
 
 
 @dataclass
+class DashboardSection:
+    listen: str = ""  # [HOST:]PORT of the run's web dashboard ("" = off unless --dashboard); see docs/dashboard.md
+    token_file: str = ""  # file holding the dashboard token (needed off loopback; "" = random, printed)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     broker: BrokerSection = field(default_factory=BrokerSection)
@@ -106,6 +112,7 @@ class RunConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
 
     @property
     def out_dir(self) -> Path:

@@ -305,6 +305,8 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
     Keys: ``round``, ``kind``, ``nodes``/``experts`` (asked), ``updated`` (aggregated),
     ``devices_asked``/``devices_answered`` (valid results), ``outcomes`` (device -> outcome),
     ``rejected`` (device -> reason, for results received but not used: invalid or late),
+    ``tasks`` (device -> node asked), ``reasons`` (device -> reason of every outcome but ok:
+    refused, error, offline, timeout, invalid, late),
     ``per_device`` (measurements of the valid results), ``aggregation_ms``, ``round_wall_s``,
     ``lr``, ``time_unix``.
     """
@@ -320,6 +322,8 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
         "devices_answered": len(ok),
         "outcomes": {p.device_id: p.outcome for p in pending},
         "rejected": {p.device_id: p.reason for p in pending if p.outcome in ("invalid", "late")},
+        "tasks": {p.device_id: int(p.node) for p in pending},
+        "reasons": {p.device_id: p.reason for p in pending if p.outcome != "ok" and p.reason},
         "per_device": [
             {"device": p.device_id, "node": p.node, "num_examples": p.result.num_examples,
              "round_time_ms": p.result.round_time_ms, "round_mem_mb": p.result.round_mem_mb,

@@ -156,7 +156,10 @@ def simulate(
     export: bool = True,
     force: bool = False,
     print_fn=print,
+    on_server=None,
 ) -> dict:
+    """See the module docstring; ``on_server(server)`` is called with each model's
+    :class:`~edgehmoe.server.app.AggregationServer` before it runs (the CLI's dashboard follows it)."""
     from edgehmoe.server.app import AggregationServer
 
     from edgehmoe.data import load_dataset
@@ -207,7 +210,10 @@ def simulate(
                     print_fn(f"[{kind}] round {r}/{total}: {', '.join(row['experts'])[:60]} "
                              f"({row['devices_answered']}/{row['devices_asked']} devices, median {t:.0f} ms){f1}")
 
-                AggregationServer(cfg, progress=progress).run()
+                server = AggregationServer(cfg, progress=progress)
+                if on_server is not None:
+                    on_server(server)
+                server.run()
             finally:
                 _stop_clients(procs)
             phases[kind] = Path(cfg.run.out)

@@ -2,8 +2,9 @@
 
 ::
 
-    edgehmoe-server run --config run.toml [--resume]
+    edgehmoe-server run --config run.toml [--resume] [--dashboard [HOST:]PORT [--token T]]
     edgehmoe-server simulate --dataset SPEC --clients N --rounds R --model hmoe|flat|both --out runs/NAME
+    edgehmoe-server dashboard --run runs/NAME [--dashboard HOST:PORT] [--token T]   # docs/dashboard.md
     edgehmoe-server credentials add --password-file passwd --device-id pi-07 --out-dir creds/ \
         [--client-cert --ca-dir broker/certs]        # + pi-07.crt/.key for mutual TLS
     edgehmoe-server credentials cert --name edgehmoe-server --ca-dir broker/certs --out-dir creds/
@@ -33,11 +34,40 @@ __all__ = ["main", "get_args_parser"]
 logger = logging.getLogger("edgehmoe.server")
 
 
+def _dashboard_token(args, token_file: str = "") -> str | None:
+    """``--token``, else the token in ``[dashboard] token_file``, else ``None`` (random when needed)."""
+    from edgehmoe.server.dashboard import read_token_file
+
+    if args.token:
+        return args.token
+    return read_token_file(token_file) if token_file else None
+
+
+def _start_dashboard(run_dir: Path, listen: str, token: str | None):
+    """Serve ``run_dir``'s dashboard on ``listen`` and print its URL (with the token when one is needed)."""
+    from edgehmoe.server.dashboard import DashboardServer
+
+    dash = DashboardServer(run_dir, listen, token=token).start()
+    note = " (token generated for this run; choose one with --token)" if dash.token_generated else ""
+    print(f"dashboard: {dash.url}{note}", flush=True)
+    return dash
+
+
+def _check_token_flag(args, listen: str) -> None:
+    from edgehmoe.errors import UsageError
+
+    if args.token and not listen:
+        raise UsageError("--token protects the dashboard: give --dashboard [HOST:]PORT too")
+
+
 def cmd_run(args) -> int:
     from edgehmoe.server.app import AggregationServer
     from edgehmoe.server.config import load_config
+    from edgehmoe.server.dashboard import LiveStatus
 
     cfg = load_config(args.config)
+    listen = args.dashboard or cfg.dashboard.listen
+    _check_token_flag(args, listen)
     stop = threading.Event()
     interrupted = []
 
@@ -56,7 +86,16 @@ def cmd_run(args) -> int:
               f"({row['devices_answered']}/{row['devices_asked']} answered){f1}", flush=True)
 
     server = AggregationServer(cfg, resume=args.resume, stop=stop, progress=progress)
-    rows = server.run()
+    dash = _start_dashboard(cfg.out_dir, listen, _dashboard_token(args, cfg.dashboard.token_file)) if listen else None
+    live = LiveStatus().start()  # live.json: what the dashboard shows between commits
+    live.attach(server)
+    try:
+        rows = server.run()
+    finally:
+        live.close()
+        if dash is not None:
+            dash.close()
+            print(f"dashboard stopped with the run; to browse it: edgehmoe-server dashboard --run {cfg.out_dir}")
     print(f"run {cfg.run.name}: {server.round}/{cfg.schedule.rounds} rounds complete in {cfg.out_dir}")
     if interrupted:
         return EXIT_INTERRUPTED
@@ -65,6 +104,7 @@ def cmd_run(args) -> int:
 
 def cmd_simulate(args) -> int:
     from edgehmoe.server.config import RunConfig, config_from_dict, load_config
+    from edgehmoe.server.dashboard import LiveStatus
     from edgehmoe.server.simulate import simulate
 
     base = load_config(args.config) if args.config else RunConfig()
@@ -79,12 +119,45 @@ def cmd_simulate(args) -> int:
         if value is not None:
             d[sec][key] = value
     merged = config_from_dict(d, "simulate options")
-    simulate(
-        args.dataset, args.clients, args.rounds, args.model, Path(args.out), partition=args.partition,
-        base=merged, flat_rounds=args.flat_rounds, threads_per_client=args.threads_per_client,
-        memory_budget_mb=args.memory_budget_mb, broker_url=args.broker, export=not args.no_export,
-        force=args.force, print_fn=lambda s: print(s, flush=True),
-    )
+    listen = args.dashboard or merged.dashboard.listen
+    _check_token_flag(args, listen)
+    token = _dashboard_token(args, merged.dashboard.token_file)
+    dash = _start_dashboard(Path(args.out), listen, token) if listen else None
+    live = LiveStatus().start()  # live.json of each model's run directory, for the dashboard
+    try:
+        simulate(
+            args.dataset, args.clients, args.rounds, args.model, Path(args.out), partition=args.partition,
+            base=merged, flat_rounds=args.flat_rounds, threads_per_client=args.threads_per_client,
+            memory_budget_mb=args.memory_budget_mb, broker_url=args.broker, export=not args.no_export,
+            force=args.force, print_fn=lambda s: print(s, flush=True), on_server=live.attach,
+        )
+    finally:
+        live.close()
+        if dash is not None:
+            dash.close()
+            print(f"dashboard stopped with the run; to browse it: edgehmoe-server dashboard --run {args.out}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from edgehmoe.server.dashboard import PHASES, DashboardError
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise DashboardError(f"{run} is not a directory: give a run directory (runs/NAME, holding state.json) "
+                             "or a simulate --out directory (holding hmoe/ and flat/)")
+    if not any((run / p / "state.json").is_file() for p in (".", *PHASES)):
+        logger.warning("%s holds no run yet (no state.json, hmoe/ or flat/); the page shows it once it starts", run)
+    dash = _start_dashboard(run, args.dashboard, args.token)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        dash.close()
+    print("dashboard stopped")
     return 0
 
 
@@ -169,6 +242,17 @@ def cmd_broker_config(args) -> int:
     return 0
 
 
+DEFAULT_LISTEN = "127.0.0.1:8765"  # = edgehmoe.server.dashboard.DEFAULT_LISTEN (not imported: --help stays fast)
+
+
+def _add_dashboard_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--dashboard", metavar="[HOST:]PORT", default=default,
+                   help="serve a read-only live web page of the run (host default 127.0.0.1; any other "
+                        f"address needs a token){'' if default is None else f' (default {default})'}")
+    p.add_argument("--token", default=None, metavar="T",
+                   help="token the dashboard requires (default: none on loopback, else random and printed)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgehmoe-server", description="edgehmoe aggregation server")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -178,6 +262,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) a federated training job from a TOML config")
     r.add_argument("--config", required=True, metavar="run.toml")
     r.add_argument("--resume", action="store_true", help="continue from the last complete round")
+    _add_dashboard_args(r)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("simulate", help="local federation: broker + N client processes + server, then Table 1")
@@ -209,7 +294,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-export", action="store_true", help="skip the ONNX bundle")
     s.add_argument("--out", required=True, metavar="runs/NAME")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _add_dashboard_args(s)
     s.set_defaults(func=cmd_simulate)
+
+    w = sub.add_parser("dashboard", help="serve the live web dashboard of a run directory (finished or running)")
+    w.add_argument("--run", required=True, metavar="runs/NAME", help="a run directory or a simulate --out directory")
+    _add_dashboard_args(w, default=DEFAULT_LISTEN)
+    w.set_defaults(func=cmd_dashboard)
 
     c = sub.add_parser("credentials", help="manage device broker accounts")
     cs = c.add_subparsers(dest="ccommand", required=True, metavar="ACTION")
