@@ -40,7 +40,7 @@ SEED_MESSAGES = {
     "TrainResult": encode(make_result()),
 }
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
