@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from edgehmoe.server.config import RunConfig, dump_config
+from edgehmoe.server.evalplan import eval_due
 from edgehmoe.server.registry import Device, DeviceRegistry
 from edgehmoe.server.rounds import (
     Pending,
@@ -258,8 +259,7 @@ class AggregationServer:
         visits = dict(self.state.visits)
         for n in new:
             visits[n] = visits.get(n, 0) + 1
-        every = self.cfg.eval.every
-        if (every and (rnd + 1) % every == 0) or rnd + 1 == self.cfg.schedule.rounds:
+        if eval_due(self.cfg.model.kind, rnd + 1, self.cfg.schedule.rounds, self.cfg.eval.every):
             # Score the weights being committed (in memory; the files are written below).
             row.update({f"val_{k}": v for k, v in self.evaluate(weights=weights).items() if k in ("info_f1", "top1")})
         state = replace(self.state, round=rnd + 1, credits=dict(self.scheduler.credits), visits=visits,

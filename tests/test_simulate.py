@@ -35,6 +35,7 @@ def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
     trained = [e for e in experts if e["round_time_ms"] is not None]
     assert trained and all(e["round_time_ms"] > 0 for e in trained)
     assert (out / "plots" / "info_f1_per_round.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plots" / "info_f1_per_client_compute.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "bundle" / "manifest.json").exists()
     # the run directory is a model directory for `edgehmoe evaluate`
     ev = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "-q", "evaluate", "--model-dir", str(out), "--dataset",
@@ -45,6 +46,40 @@ def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
     # a second run into the same folder is refused without --force
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_flat_only_simulate_exports_nothing_says_so_and_evaluates_every_round(tmp_path):
+    require_tool("mosquitto")
+    out = tmp_path / "flat"
+    # Execute: 3 flat rounds with --eval-every 2 (rounds 2 and 3 only, before the flat schedule)
+    r = subprocess.run([sys.executable, "-m", "edgehmoe.server", "simulate", "--dataset",
+                        "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16", "--clients", "2",
+                        "--rounds", "3", "--model", "flat", "--eval-every", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    # Assert: no error about a bundle the user did not ask for; a plain line instead
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ERROR" not in r.stderr and "export failed" not in r.stdout + r.stderr
+    assert "no ONNX bundle exported" in r.stdout and "--model flat" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["bundle"] is None and not (out / "bundle").exists()
+    # the header names the evaluated split and how it was made
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("Table 1"))
+    assert header.endswith("held-out split: test (generated on another random stream of the spec's seed)")
+    assert s["heldout_split"] == "test"
+    # a short flat run is evaluated after every round, and plotted against client compute
+    rows = [json.loads(ln) for ln in (out / "flat" / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_info_f1" in row) for row in rows] == [True, True, True]
+    assert [c[0] for c in s["flat"]["val_curve"]] == [1, 2, 3]
+    assert (out / "plots" / "info_f1_per_client_compute.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_describe_heldout_says_how_each_split_was_made():
+    from edgehmoe.server.simulate import describe_heldout
+
+    assert describe_heldout("npz:/x/train.npz", "val", 0.1, 0) == "10% of train held out per class, seed 0"
+    assert describe_heldout("cifar100:/data/cifar100", "val", 0.25, 3) == "25% of train held out per class, seed 3"
+    assert describe_heldout("cifar100:/data/cifar100", "test", 0.1, 0) == "the official CIFAR-100 test set"
+    assert "val/" in describe_heldout("tinyimagenet:/data/tiny-imagenet-200", "test", 0.1, 0)
 
 
 def test_equal_compute_interpolates_flat_curve():
