@@ -183,13 +183,14 @@ def render_acl(
 
     Every rule of the template names the run ``edgehmoe`` (:data:`TEMPLATE_RUN`); each such rule
     is written once per name in ``runs``, so a device can publish only under a run it was
-    admitted to.  ``runs=None`` writes ``+`` (any run): only for throw-away local brokers.
+    admitted to (``[]``: no run yet, nobody may publish anything).  ``runs=None`` writes ``+``
+    (any run): only for throw-away local brokers.
     """
     _check_user(server_user)
     _check_user(monitor_user)
     if runs is not None:
-        if isinstance(runs, str) or not runs:
-            raise UsageError("runs must be a non-empty list of run names (or None for any run)")
+        if isinstance(runs, str):
+            raise UsageError("runs must be a list of run names (or None for any run), not a string")
         runs = [_check_run(r) for r in runs]
     text = (TEMPLATE_DIR / "acl").read_text(encoding="utf-8")
     for default, name in ((SERVER_USER, server_user), (MONITOR_USER, monitor_user)):
@@ -485,8 +486,8 @@ class MosquittoBroker:
         persistent sessions survive :meth:`restart`); ``None`` = no persistence.
     :param server_user: user name that gets read/write on the runs' topics.
     :param runs: run names written into the ACL (devices can publish and read only under
-        these); ``None`` = any run (``+``), for throw-away brokers whose run names are not
-        known up front.  :meth:`add_run` admits another run later.
+        these); ``[]`` = none yet (admit each with :meth:`add_run` before its clients start);
+        ``None`` = any run (``+``), for throw-away brokers.
     :param bind_client_ids: ``use_username_as_clientid true`` (with ``auth``): a client's id is
         its user name, so no credential can take over another client's session.
     :param max_payload_bytes: largest wire payload; ``max_packet_size`` is this plus 64 KiB.

@@ -177,7 +177,7 @@ def test_issue10_row8_device_cannot_publish_into_another_run(broker) -> None:
         server.publish(other.task("dev-a"), b"task of another run", timeout=10)
     assert drain(device, 0.5) == []
 
-    # A run admitted later (MosquittoBroker.add_run reloads the ACL) is open to the device
+    # A run admitted later (MosquittoBroker.add_run rewrites the ACL and reloads) is open to the device
     b.add_run("other-run")
     device.publish(other.result("dev-a"), b"now admitted", timeout=10)
     server.publish(other.task("dev-a"), b"task of the new run", timeout=10)
@@ -245,6 +245,19 @@ def test_issue10_row7_queue_for_an_offline_server_is_bounded(broker) -> None:
     back.subscribe(topics.result_filter())
     received = [payload[0] for _, payload in drain(back, 2.0)]
     assert received == [0, 1, 2, 3]  # 4 x 300 kB: Mosquitto stops once the limit is exceeded
+
+
+def test_broker_without_runs_admits_each_run_when_added(broker) -> None:
+    # How a local federation can pin its runs: start with none, admit each before its clients start
+    b = broker(runs=[])
+    device = broker.connect(b, "dev-a")
+    with pytest.raises(PublishRefused):
+        device.publish(Topics("phase-1").hello("dev-a"), b"too early", timeout=10)
+    b.add_run("phase-1")
+    assert "pattern write edgehmoe/phase-1/device/%u/hello" in b.acl_file.read_text()
+    device.publish(Topics("phase-1").hello("dev-a"), b"admitted", timeout=10)
+    with pytest.raises(PublishRefused):
+        device.publish(Topics("phase-2").hello("dev-a"), b"not yet", timeout=10)
 
 
 def test_generated_configs_bind_ids_and_limit_sizes(tmp_path: Path) -> None:

@@ -346,7 +346,8 @@ class MqttConnection:
         if protocol not in ("5", "3.1.1"):
             raise UsageError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
         if not client_id:
-            raise UsageError("client_id is required (use the device id, or e.g. 'edgehmoe-server-<run>')")
+            raise UsageError("client_id is required (use the broker user name: brokers configured by edgehmoe "
+                             "replace the client id with it anyway)")
         if cafile is not None and not tls:
             raise UsageError("cafile given but tls is off; use an mqtts:// URL or tls=True")
         if (certfile is None) != (keyfile is None):
