@@ -478,8 +478,12 @@ class RunReader:
         training = None
         if alive and live and live.get("training"):
             t = live["training"]
+            outcomes: dict[str, int] = {}
+            for o in (t.get("outcomes") or {}).values():
+                outcomes[o] = outcomes.get(o, 0) + 1
             training = {"round": int(t.get("round", rnd)) + 1, "experts": list(t.get("experts", [])),
                         "asked": int(t.get("asked", 0)), "answered": int(t.get("answered", 0)),
+                        "outcomes": outcomes,  # of the devices done so far: ok, offline, refused, ...
                         "started_unix": t.get("started_unix"), "deadline_unix": t.get("deadline_unix")}
         last = rows[-1] if rows else None
         finished_unix = None

@@ -339,10 +339,82 @@ def test_loopback_bind_refuses_foreign_host_header_and_writes(tmp_path):
     assert dash.token is None and not dash.token_required
 
 
+def test_token_comes_from_the_flag_or_the_config_token_file(tmp_path):
+    from edgehmoe.server.config import RunConfig, dump_config
+    from edgehmoe.server.dashboard import DashboardError, read_token_file
+
+    (tmp_path / "dash.token").write_text("  from-the-file-0123\n")
+    (tmp_path / "empty.token").write_text("\n")
+    assert read_token_file(tmp_path / "dash.token") == "from-the-file-0123"
+    with pytest.raises(DashboardError, match="is empty"):
+        read_token_file(tmp_path / "empty.token")
+    with pytest.raises(DashboardError, match="secrets.token_urlsafe"):
+        read_token_file(tmp_path / "missing.token")
+    # --token without --dashboard (and no [dashboard] listen) is a usage error, before anything runs
+    cfg = RunConfig()
+    cfg.run.out = str(tmp_path / "never")
+    (tmp_path / "run.toml").write_text(dump_config(cfg))
+    p = subprocess.run([str(BIN / "edgehmoe-server"), "run", "--config", str(tmp_path / "run.toml"), "--token",
+                        "abcdefgh12"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "give --dashboard [HOST:]PORT too" in p.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_dashboard_command_rejects_a_missing_directory(tmp_path):
     p = subprocess.run([str(BIN / "edgehmoe-server"), "dashboard", "--run", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "is not a directory" in p.stderr
+
+
+@pytest.mark.slow
+def test_server_run_with_dashboard_answers_live_over_http(tmp_path):
+    """``edgehmoe-server run --config --dashboard 127.0.0.1:0 --token T`` with a real broker and clients."""
+    from test_federation import Federation
+
+    from edgehmoe.server.config import dump_config
+
+    # Prepare: Mosquitto, two client processes (tests/test_federation.py's harness)
+    fed = Federation(tmp_path, 2)
+    try:
+        cfg = fed.config("dash-run", rounds=4)
+        cfg_path = tmp_path / "run.toml"
+        cfg_path.write_text(dump_config(cfg))
+        fed.start_clients(cfg.run.name)
+        token = "sekrit-token-123"
+        # Execute
+        proc = subprocess.Popen([str(BIN / "edgehmoe-server"), "run", "--config", str(cfg_path), "--dashboard",
+                                 "127.0.0.1:0", "--token", token], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        url = wait_for(lambda: next((ln.split()[1] for ln in lines if ln.startswith("dashboard: http")), None),
+                       60, "the dashboard URL")
+        port = int(re.match(r"http://127\.0\.0\.1:(\d+)/\?token=", url).group(1))
+        unauthorised = http_get(port, "/api/state")[0]
+        seen_rounds, seen_training, seen_online = [], [], 0
+        while proc.poll() is None:
+            try:
+                status, _, body = http_get(port, "/api/state", {"Authorization": f"Bearer {token}"})
+            except OSError:  # the run ended between poll() and the request
+                break
+            st = json.loads(body)
+            if not seen_rounds or seen_rounds[-1] != st["round"]:
+                seen_rounds.append(st["round"])
+            if st["training"]:
+                seen_training.append((st["training"]["round"], tuple(st["training"]["experts"])))
+            seen_online = max(seen_online, st["devices_online"])
+            time.sleep(0.1)
+        assert proc.wait(timeout=300) == 0, "".join(lines[-30:])
+    finally:
+        fed.stop()
+    # Assert
+    live = json.loads((Path(cfg.run.out) / "live.json").read_text())
+    assert url == f"http://127.0.0.1:{port}/?token={token}" and unauthorised == 401
+    assert seen_rounds == sorted(seen_rounds) and len(seen_rounds) >= 3, seen_rounds
+    assert seen_online == 2
+    assert seen_training and all(1 <= r <= 4 and experts for r, experts in seen_training), seen_training
+    assert (live["state"], live["closed"], live["round"], live["rounds"]) == ("finished", True, 4, 4)
+    assert any(ln.startswith("dashboard stopped with the run") for ln in lines)
 
 
 # ---------------------------------------------------------------------- live.json
@@ -417,6 +489,7 @@ def test_live_status_tracks_devices_and_the_open_round(tmp_path):
     # the reader shows it (its clock says the file is fresh)
     st = RunReader(srv.out, clock=lambda: clock[0]).state()
     assert st["status"] == "running" and st["training"]["experts"] == ["6:C"] and st["training"]["round"] == 1
+    assert (st["training"]["asked"], st["training"]["outcomes"]) == (2, {"ok": 1})
     assert [(d["id"], d["online"], d["task"]) for d in st["devices"]] == [("pi-1", False, "6:C"), ("pi-2", True, "6:C")]
     # a stale file (server killed) is not shown as running
     assert RunReader(srv.out, clock=lambda: clock[0] + 60).state()["status"] == "stopped"
@@ -559,11 +632,11 @@ def test_page_with_1000_devices_paginates_sorts_and_filters(browser, tmp_path):
         browser.find_element(By.ID, "device-problems").click()
         problems_info = wait_for(lambda: (t := browser.find_element(By.ID, "page-info").text).startswith("1–50")
                                  and t, 5, "the problem filter")
+        save_screenshot(browser, tmp_path, "dashboard-1000-devices.png")
         browser.find_element(By.ID, "device-problems").click()
         browser.find_element(By.ID, "device-filter").send_keys("dev-0007")
         wait_for(lambda: device_ids(browser) == ["dev-0007"], 5, "the filter")
-        reason = browser.find_element(By.CSS_SELECTOR, "#devices tbody tr td.reason").text
-        save_screenshot(browser, tmp_path, "dashboard-1000-devices.png")
+        reason = browser.find_element(By.CSS_SELECTOR, "#devices tbody tr td[data-col=reason]").text
         logs = severe_logs(browser)
     assert len(rows) == 50 and rows[:2] == ["dev-0000", "dev-0001"]
     assert info == "1–50 of 1000 · page 1/20"
@@ -616,7 +689,7 @@ def test_live_simulate_run_in_the_browser(browser, tmp_path):
         killed_at = seen[-1]
         wait_for(lambda: hmoe_round() is not None and dict(device_rows(browser)) == {"dev-000": "1", "dev-001": "0"},
                  60, "dev-001 offline while dev-000 trains on")
-        status_text = dom(browser, "return document.querySelector('#devices tr[data-device=dev-001] td:nth-child(2)')"
+        status_text = dom(browser, "return document.querySelector('#devices tr[data-device=dev-001] td[data-col=status]')"
                                    ".textContent")
         wait_for(lambda: (hmoe_round() or 0) > killed_at, 60, "a round after the kill")
         mid = {c: int(browser.find_element(By.ID, c).get_attribute("data-points"))
@@ -648,8 +721,8 @@ def test_live_simulate_run_in_the_browser(browser, tmp_path):
                   for c in ("chart-f1", "chart-time", "chart-mem", "chart-visits")}
         heldout = browser.find_element(By.ID, "heldout").text
         experts = dom(browser, "return [...document.querySelectorAll('#experts tbody tr')].map(r => r.dataset.node)")
-        dev1 = dom(browser, "return [...document.querySelectorAll('#devices tr[data-device=dev-001] td')]"
-                            ".map(c => c.textContent)")
+        dev1_last = dom(browser, "return document.querySelector('#devices tr[data-device=dev-001] td[data-col=last]')"
+                                 ".textContent")
         save_screenshot(browser, tmp_path, "dashboard-finished.png")
         # (the earlier page's failed polls after the run ended are logged too: not this page's)
         final_logs = [e for e in severe_logs(browser) if sim_url not in e["message"]]
@@ -661,5 +734,5 @@ def test_live_simulate_run_in_the_browser(browser, tmp_path):
     assert re.fullmatch(r"hmoe 0\.\d{4} · flat 0\.\d{4} \(test\)", heldout), heldout
     assert experts == ["flat", "0", "1", "2"]
     assert sum(state["visits"].values()) == hmoe_rounds
-    assert dev1[0] == "dev-001" and dev1[7].startswith("flat r3 flat ok")  # its last task: the flat model's last round
+    assert dev1_last == "flat r3 flat ok"  # its last task: the flat model's last round
     assert final_logs == []

@@ -33,7 +33,8 @@
     if (!unix) return "–";
     const d = new Date(unix * 1000);
     const t = d.toLocaleTimeString([], { hour12: false });
-    return d.toDateString() === new Date().toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
+    return d.toDateString() === new Date().toDateString() ? t
+      : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${t}`;
   }
   function pct(v, ref) {
     return v === null || v === undefined || !ref ? "–" : `${(100 * v / ref).toFixed(1)}%`;
@@ -98,8 +99,9 @@
     set($("rounds"), String(s.rounds));
     set($("phase"), s.phase && s.layout === "simulate" ? `(${s.phase} model)` : s.phase ? `(${s.phase})` : "");
     if (s.training) {
-      set($("training"), `${s.training.experts.join(", ")} · round ${s.training.round}, ` +
-        `${s.training.answered}/${s.training.asked} answered`);
+      const t = s.training;
+      const others = Object.entries(t.outcomes || {}).filter(([k]) => k !== "ok").map(([k, n]) => `, ${n} ${k}`).join("");
+      set($("training"), `${t.experts.join(", ")} · round ${t.round}, ${(t.outcomes || {}).ok || 0}/${t.asked} answered${others}`);
     } else if (s.last_experts && s.last_experts.length) {
       set($("training"), `${s.status === "finished" ? "done; last" : "last"}: ${s.last_experts.join(", ")}`);
     } else {
@@ -226,14 +228,14 @@
     return td;
   }
 
+  const live = () => state.status === "running" || state.status === "starting";
+
   function statusText(d) {
     if (d.online) {
       const since = d.since_unix ? ` since ${fmtTime(d.since_unix)}` : "";
       return d.task ? `training ${d.task}` : `online${since}`;
     }
-    if (state.status !== "running" && state.status !== "starting") {
-      return `seen ${fmtTime(d.last_seen_unix)} (run not live)`;
-    }
+    if (!live()) return `seen ${fmtTime(d.last_seen_unix)}`;
     return `offline since ${fmtTime(d.since_unix)}`;
   }
 
@@ -245,14 +247,15 @@
     const start = view.page * view.pageSize;
     const shown = rows.slice(start, start + view.pageSize);
     const frag = document.createDocumentFragment();
+    const keys = [...$("devices").tHead.rows[0].cells].map((th) => th.dataset.key);
     for (const d of shown) {
       const tr = document.createElement("tr");
       tr.dataset.device = d.id;
       tr.dataset.online = d.online ? "1" : "0";
       cell(tr, d.id);
-      cell(tr, statusText(d), d.online ? (d.task ? "busy" : "online") : "offline");
-      cell(tr, fmtNum(d.ram_mb, 0), "num");
-      cell(tr, d.budget_mb ? fmtNum(d.budget_mb, 0) : "none", "num");
+      cell(tr, statusText(d), d.online ? (d.task ? "busy" : "online") : "offline",
+        live() ? "" : "the run is not live: when the server last heard from this device");
+      cell(tr, `${fmtNum(d.ram_mb, 0)} / ${d.budget_mb ? fmtNum(d.budget_mb, 0) : "none"}`, "num");
       cell(tr, d.cores ? String(d.cores) : "–", "num");
       const plat = d.platform.length > 24 ? `${d.platform.slice(0, 23)}…` : d.platform;
       cell(tr, plat || "–", null, `${d.platform}${d.version ? ` · edgehmoe ${d.version}` : ""}`);
@@ -269,6 +272,7 @@
       const where = (x) => `${state.layout === "simulate" ? x.phase + " " : ""}r${x.round}`;
       cell(tr, p ? `${p.outcome} (${where(p)}): ${p.reason}` : "", "reason",
         d.problems.map((x) => `${x.outcome} (${where(x)}): ${x.reason}`).join("\n"));
+      keys.forEach((k, i) => { if (tr.cells[i]) tr.cells[i].dataset.col = k; });
       frag.appendChild(tr);
     }
     $("devices").tBodies[0].replaceChildren(frag);
