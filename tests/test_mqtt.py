@@ -436,6 +436,10 @@ def test_shipped_acl_template_is_what_the_broker_uses() -> None:
     assert len(rules) == 2 + 2 * 2 + 2 * 4  # 2 user lines, 2 runs x (server + monitor + 4 device rules)
     assert "edgehmoe/edgehmoe/" not in custom and "edgehmoe/+/" not in custom
     assert "pattern write edgehmoe/+/device/%u/result" in render_acl(runs=None)
+    from edgehmoe.fl.mqtt import TOPIC_ROOT
+    from edgehmoe.server import broker
+
+    assert broker.TOPIC_ROOT == TOPIC_ROOT  # spelled out there to keep paho out of the broker tools
 
 
 def test_shipped_broker_config_template_is_the_default_rendering() -> None:
