@@ -261,7 +261,7 @@ else
 fi
 flock -u 9
 run_step rootfs-extract tar --numeric-owner -C "$ROOT" -I zstd -xf "$TARBALL"
-note "rootfs: extracted in $STEP_SECONDS s, $(du -sm "$ROOT" | cut -f1) MB"
+note "rootfs: extracted in $STEP_SECONDS s, $(du -smx "$ROOT" | cut -f1) MB"
 
 # /proc and /dev for pip, apt and Python. Not /sys: with the host's /sys, cpuinfo (inside
 # onnxruntime and torch) finds CPUs there, then parses the host's x86 /proc/cpuinfo (qemu-user
@@ -272,10 +272,13 @@ mount -t proc proc "$ROOT/proc"
 mount --rbind /dev "$ROOT/dev"
 mount --make-rslave "$ROOT/dev"
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
-# Trust what the host trusts: its network may re-sign TLS with a local CA (a proxy).
+# Trust what the host trusts: its network may re-sign TLS with a local CA (a proxy). Added to
+# the bundle directly (update-ca-certificates takes minutes under emulation) and kept in
+# /usr/local/share/ca-certificates, so a later update-ca-certificates in there keeps them.
 if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
-    run_step ca-certificates in_root update-ca-certificates
+    cat /usr/local/share/ca-certificates/*.crt >>"$ROOT/etc/ssl/certs/ca-certificates.crt"
+    note "trust: added the host's local CA certificates ($(find /usr/local/share/ca-certificates -name '*.crt' | wc -l))"
 fi
 arch=$(in_root dpkg --print-architecture)
 machine=$(in_root uname -m)
@@ -388,7 +391,7 @@ EOF
     note "install_client.sh again: 0 changed ($STEP_SECONDS s)"
     in_root /opt/edgehmoe/venv/bin/python -m pip list --format=freeze >"$LOGS/venv-train.freeze" 2>/dev/null
     note "aarch64 wheels (train venv): $(grep -iE '^(numpy|onnxruntime|torch|torchvision|onnx|paho-mqtt|psutil|pillow|safetensors)==' "$LOGS/venv-train.freeze" | sort -f | tr '\n' ' ')"
-    note "disk: /opt/edgehmoe/venv $(in_root du -sm /opt/edgehmoe/venv | cut -f1) MB; rootfs now $(du -sm "$ROOT" | cut -f1) MB"
+    note "disk: /opt/edgehmoe/venv $(in_root du -sm /opt/edgehmoe/venv | cut -f1) MB; rootfs now $(du -smx "$ROOT" | cut -f1) MB"
     run_step import-torch timed "$LOGS/import-torch.time" "${IN_ROOT[@]}" /opt/edgehmoe/venv/bin/python -c \
         'import torch, onnxruntime, numpy; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__, "numpy", numpy.__version__)'
     note "import torch, onnxruntime, numpy: $(tail -n1 "$LOGS/import-torch.log"); $STEP_SECONDS s, peak RSS $(peak_mb "$LOGS/import-torch.time") MB (emulator included)"
@@ -434,7 +437,8 @@ EOF
     kill -0 "$client_pid" 2>/dev/null || fail "the client exited during the run (see $LOGS/client.log)"
     # $client_pid is /usr/bin/time; its child is the client (chroot, env, setpriv, sh and
     # edgehmoe-run all exec), which SIGTERM stops as systemctl stop would.
-    kill_tree "$client_pid"
+    # Only the client: /usr/bin/time must live to write its measurement.
+    for child in $(pgrep -P "$client_pid"); do kill_tree "$child"; done
     wait "$client_pid" 2>/dev/null || true
     run_step federation-check "$HOST_PY" - "$run" "$ROUNDS" "$DEVICE_ID" <<'EOF'
 import json, sys
