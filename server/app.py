@@ -37,6 +37,7 @@ from edgehmoe.server.rounds import (
     Pending,
     RoundRunner,
     Transport,
+    UpdateRules,
     aggregate,
     connect_mqtt,
     metrics_row,
@@ -153,7 +154,8 @@ class AggregationServer:
                                      specs=self.specs, params=self.params)
         if self.resume:
             self.state, self.weights, self.history = self.store.resume(self.cfg.model.kind)
-            self.registry = DeviceRegistry.from_json(self.tree.num_classes, self.state.devices, self.clock)
+            self.registry = DeviceRegistry.from_json(self.tree.num_classes, self.state.devices, self.clock,
+                                                     **self._registry_limits())
         else:
             import torch
 
@@ -165,9 +167,13 @@ class AggregationServer:
                              mean=[float(v) for v in mean], std=[float(v) for v in std])
             self.state = self.store.create(state, weights, dump_config(self.cfg))
             self.weights = weights
-            self.registry = DeviceRegistry(self.tree.num_classes, self.clock)
+            self.registry = DeviceRegistry(self.tree.num_classes, self.clock, **self._registry_limits())
         self.scheduler = Scheduler(self.tree, self.cfg.model.kind, self.cfg.schedule.mode,
                                    self.cfg.schedule.weighting, self.memory_need, self.state.credits)
+
+    def _registry_limits(self) -> dict:
+        s = self.cfg.schedule
+        return {"max_class_count": s.max_class_count, "max_missed": s.max_missed_rounds}
 
     # ------------------------------------------------------------------ transport
     def connect(self) -> None:
@@ -179,7 +185,8 @@ class AggregationServer:
             self.transport = connect_mqtt(b.url, self.cfg.run.name, username=b.username, password=self.password,
                                           cafile=b.cafile, client_id=b.client_id)
         self.runner = RoundRunner(self.transport, Topics(self.cfg.run.name), self.registry, self.tree,
-                                  clock=self.clock, stop=self.stop)
+                                  clock=self.clock, stop=self.stop,
+                                  rules=UpdateRules.from_schedule(self.cfg.schedule))
         self.runner.subscribe()
 
     def close(self) -> None:
@@ -248,10 +255,11 @@ class AggregationServer:
 
     def _aggregate_and_commit(self, rnd: int, pending: list[Pending], lr: float, wall_s: float) -> dict | None:
         t0 = time.perf_counter()
-        new = aggregate(pending)
+        rules = UpdateRules.from_schedule(self.cfg.schedule)
+        new = aggregate(pending, rules)  # float64, checked finite: never commits weights it cannot load
         agg_ms = (time.perf_counter() - t0) * 1000
         row = metrics_row(rnd, self.cfg.model.kind, self.tree, pending, new, lr=lr, aggregation_ms=agg_ms,
-                          round_wall_s=wall_s, time_unix=self.clock())
+                          round_wall_s=wall_s, time_unix=self.clock(), aggregation=rules.aggregation)
         if not new:
             logger.warning("round %d: no valid update (outcomes %s); round repeated", rnd, row["outcomes"])
             return None

@@ -78,6 +78,15 @@ class ScheduleSection:
     round_timeout_s: float = 300.0  # deadline: results after it are dropped
     wait_for_devices_s: float = 120.0  # give up if not enough devices announce themselves
     retries: int = 1  # extra attempts for a round in which no device answered
+    # --- one bad device (docs/security.md) ---
+    aggregation: str = "fedavg"  # fedavg (weighted by num_examples) | median | trimmed_mean (coordinate-wise, robust)
+    trim_fraction: float = 0.2  # trimmed_mean: share of values cut at each end of every coordinate, in [0, 0.5)
+    clip_factor: float = 0.0  # > 0: clip each update's change to this x the round's median change norm (any rule)
+    max_update_norm: float = 10.0  # refuse (or clip) a change larger than this x the expert's weight norm; 0 = off
+    update_norm_action: str = "reject"  # what max_update_norm does: reject | clip (scale the change down to the bound)
+    max_missed_rounds: int = 3  # a device that misses this many deadlines in a row is not asked again until it
+    #                             says hello or answers (0 = never drop)
+    max_class_count: int = 10_000_000  # a hello claiming more samples of one class is refused (absurd shard)
 
 
 @dataclass
@@ -140,6 +149,18 @@ class RunConfig:
         need(0 <= self.run.val_fraction < 1, "run.val_fraction must be in [0, 1)")
         need(self.model.flat_width >= 1, "model.flat_width must be >= 1")
         need(self.eval.every >= 0, "eval.every must be >= 0")
+        from edgehmoe.fl.aggregation import AGGREGATIONS
+
+        s = self.schedule
+        need(s.aggregation in AGGREGATIONS,
+             f"schedule.aggregation must be one of {', '.join(AGGREGATIONS)}, not {s.aggregation!r}")
+        need(0 <= s.trim_fraction < 0.5, "schedule.trim_fraction must be in [0, 0.5)")
+        need(math.isfinite(s.clip_factor) and s.clip_factor >= 0, "schedule.clip_factor must be >= 0 (0 = off)")
+        need(math.isfinite(s.max_update_norm) and s.max_update_norm >= 0,
+             "schedule.max_update_norm must be >= 0 (0 = off)")
+        need(s.update_norm_action in ("reject", "clip"), "schedule.update_norm_action must be 'reject' or 'clip'")
+        need(s.max_missed_rounds >= 0, "schedule.max_missed_rounds must be >= 0 (0 = never drop a device)")
+        need(1 <= s.max_class_count <= 2**40, "schedule.max_class_count must be in 1 .. 2**40")
         return self
 
 

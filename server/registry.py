@@ -6,23 +6,34 @@ memory budget, platform) and report their state with a retained
 vanish. The registry keeps the facts the scheduler needs (:meth:`DeviceRegistry.views`) and is
 saved in ``state.json`` (``devices``) at every commit. No I/O: the round runner
 (:mod:`edgehmoe.server.rounds`) feeds it decoded messages.
+
+One bad device (docs/security.md): a hello with absurd class counts is refused; hellos are
+logged at most once per device per minute; a device that misses ``max_missed`` deadlines in
+a row is not scheduled until it says hello again or answers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from edgehmoe.server.scheduler import DeviceView
 
 from edgehmoe.fl import wire
 
-__all__ = ["Device", "DeviceRegistry"]
+__all__ = ["HELLO_LOG_INTERVAL_S", "MAX_CLASS_COUNT", "Device", "DeviceRegistry"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Hello facts above these are refused as absurd (a shard of one device, a Raspberry Pi's memory).
+MAX_CLASS_COUNT = 10_000_000
+#: Seconds between two log lines about the hellos of one device.
+HELLO_LOG_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -39,6 +50,7 @@ class Device:
     online: bool = True
     busy: bool = False
     last_seen: float = field(default_factory=time.time)
+    missed: int = 0  # deadlines missed in a row (timeout or late); reset by a hello or an answer
 
     def to_json(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k != "class_counts"}
@@ -47,8 +59,15 @@ class Device:
 
     @classmethod
     def from_json(cls, d: dict) -> Device:
-        d = dict(d)
+        """One ``state.json`` row; unknown keys are ignored. Raises ``TypeError``/``ValueError``/
+        ``KeyError``/``OverflowError`` for a malformed row."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k in known}
+        if not isinstance(d["device_id"], str):
+            raise TypeError("device_id is not a string")
         d["class_counts"] = np.asarray(d["class_counts"], dtype=np.int64)
+        if d["class_counts"].ndim != 1:
+            raise ValueError("class_counts is not a list of integers")
         return cls(**d)
 
 
@@ -58,21 +77,42 @@ class DeviceRegistry:
     Args:
         num_classes: classes of the run's dataset; a ``hello`` with another count is ignored
             (the device holds a shard of another dataset).
-        clock: wall-clock time source (``last_seen``); tests pass a fake.
+        clock: wall-clock time source (``last_seen``, log rate limit); tests pass a fake.
+        max_class_count: a ``hello`` claiming more samples of one class is refused (logged):
+            nobody's shard holds that, and such counts would decide the schedule.
+        max_missed: a device that missed this many deadlines in a row (:meth:`on_missed`) is
+            left out of :meth:`views` until it says hello again or answers (:meth:`on_answer`);
+            ``0`` never drops a device.
+        log_interval_s: at most one log line per device per this many seconds about its hellos
+            (a device re-announcing itself in a loop cannot fill the log).
     """
 
-    def __init__(self, num_classes: int, clock: Callable[[], float] = time.time):
+    def __init__(self, num_classes: int, clock: Callable[[], float] = time.time, *,
+                 max_class_count: int = MAX_CLASS_COUNT, max_missed: int = 3,
+                 log_interval_s: float = HELLO_LOG_INTERVAL_S):
         self.num_classes = int(num_classes)
         self.clock = clock
+        self.max_class_count = int(max_class_count)
+        self.max_missed = int(max_missed)
+        self.log_interval_s = float(log_interval_s)
         self.devices: dict[str, Device] = {}
+        self._hello_log: dict[str, tuple[float, int]] = {}  # device -> (time of last line, hellos not logged)
 
     @classmethod
-    def from_json(cls, num_classes: int, rows: Iterable[dict], clock: Callable[[], float] = time.time
-                  ) -> DeviceRegistry:
-        """The registry saved in ``state.json``; every device is offline until it speaks again."""
-        reg = cls(num_classes, clock)
-        for d in rows:
-            dev = Device.from_json(d)
+    def from_json(cls, num_classes: int, rows: Iterable[dict], clock: Callable[[], float] = time.time,
+                  **kwargs) -> DeviceRegistry:
+        """The registry saved in ``state.json``; every device is offline until it speaks again.
+
+        A malformed row is skipped with a warning (that device is added again by its next hello).
+        """
+        reg = cls(num_classes, clock, **kwargs)
+        for i, d in enumerate(rows):
+            try:
+                dev = Device.from_json(d)
+            except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as e:
+                logger.warning("state.json devices[%d] is malformed (%s: %s); skipped until that device says "
+                               "hello again", i, type(e).__name__, e)
+                continue
             dev.online = dev.busy = False
             reg.devices[dev.device_id] = dev
         return reg
@@ -90,15 +130,63 @@ class DeviceRegistry:
     def online(self) -> list[Device]:
         return [d for d in self.devices.values() if d.online]
 
+    def dropped(self, d: Device) -> bool:
+        """``True`` if ``d`` missed too many deadlines in a row to be asked again (see ``max_missed``)."""
+        return self.max_missed > 0 and d.missed >= self.max_missed
+
     def views(self) -> list[DeviceView]:
-        """What the scheduler needs of every online device."""
-        return [DeviceView(d.device_id, d.class_counts, d.memory_budget_mb) for d in self.online()]
+        """What the scheduler needs of every online device that is not dropped for missed deadlines."""
+        return [DeviceView(d.device_id, d.class_counts, d.memory_budget_mb) for d in self.online()
+                if not self.dropped(d)]
+
+    def samples_under(self, device_id: str, label_map: np.ndarray) -> int:
+        """Samples ``device_id`` announced for the classes ``label_map`` uses (``>= 0``); 0 if unknown.
+
+        The bound of a result's ``num_examples`` (Python ints: no overflow).
+        """
+        d = self.devices.get(device_id)
+        if d is None:
+            return 0
+        used = np.asarray(label_map)[: len(d.class_counts)] >= 0
+        return sum(int(v) for v in d.class_counts[: len(used)][used])
+
+    # ------------------------------------------------------------------ messages
+    def _log_hello(self, device_id: str, level: int, msg: str, *args) -> None:
+        """Log about a hello of ``device_id``, at most once per ``log_interval_s`` per device."""
+        now = self.clock()
+        last, skipped = self._hello_log.get(device_id, (-math.inf, 0))
+        if now - last < self.log_interval_s:
+            self._hello_log[device_id] = (last, skipped + 1)
+            return
+        if skipped:
+            msg += " (%d more hello(s) from it in the last %.0f s not logged)"
+            args += (skipped, now - last)
+        self._hello_log[device_id] = (now, 0)
+        logger.log(level, msg, *args)
+
+    def check_hello(self, h: wire.Hello) -> str:
+        """Why ``h`` is refused, or ``""`` if its facts are plausible."""
+        counts = h.class_counts
+        if len(counts) != self.num_classes:
+            return f"reports {len(counts)} classes but the run has {self.num_classes} (wrong data shard?)"
+        if counts.size and int(counts.max()) > self.max_class_count:
+            c = int(np.argmax(counts))
+            return (f"claims {int(counts[c])} samples of class {c}, more than the {self.max_class_count} a shard "
+                    "may hold (schedule.max_class_count)")
+        return ""
 
     def on_hello(self, h: wire.Hello) -> bool:
-        """Add or refresh a device; ``False`` (and a warning) if its shard has the wrong classes."""
-        if len(h.class_counts) != self.num_classes:
-            logger.warning("device %s reports %d classes but the run has %d; ignored (wrong data shard?)",
-                           h.device_id, len(h.class_counts), self.num_classes)
+        """Add or refresh a device; ``False`` (and a rate-limited warning) if its hello is refused.
+
+        A refused hello from a known device also takes that device out of scheduling (offline)
+        until a plausible hello arrives.
+        """
+        why = self.check_hello(h)
+        if why:
+            self._log_hello(h.device_id, logging.WARNING, "device %s %s; hello refused", h.device_id, why)
+            known = self.devices.get(h.device_id)
+            if known is not None:
+                known.online = known.busy = False
             return False
         known = h.device_id in self.devices
         self.devices[h.device_id] = Device(
@@ -106,8 +194,9 @@ class DeviceRegistry:
             memory_budget_mb=h.memory_budget_mb, ram_mb=h.ram_mb, cores=h.cores, platform=h.platform,
             software_version=h.software_version, online=True, last_seen=self.clock(),
         )
-        logger.info("device %s %s: %d samples, budget %.0f MB, %s", h.device_id, "re-announced" if known else "joined",
-                    int(h.class_counts.sum()), h.memory_budget_mb, h.platform)
+        self._log_hello(h.device_id, logging.INFO, "device %s %s: %d samples, budget %.0f MB, %s", h.device_id,
+                        "re-announced" if known else "joined", sum(int(v) for v in h.class_counts),
+                        h.memory_budget_mb, h.platform)
         return True
 
     def on_status(self, s: wire.Status) -> None:
@@ -124,3 +213,23 @@ class DeviceRegistry:
         else:
             d.online = True
             d.busy = s.state == "busy"
+
+    def on_answer(self, device_id: str) -> None:
+        """``device_id`` answered (a result, a refusal): its missed deadlines are forgiven."""
+        d = self.devices.get(device_id)
+        if d is None:
+            return
+        d.last_seen = self.clock()
+        if self.dropped(d):
+            logger.info("device %s answered again; it is asked again", device_id)
+        d.missed = 0
+
+    def on_missed(self, device_id: str) -> None:
+        """``device_id`` missed a round's deadline; after ``max_missed`` in a row it is not asked again."""
+        d = self.devices.get(device_id)
+        if d is None:
+            return
+        d.missed += 1
+        if self.max_missed > 0 and d.missed == self.max_missed:
+            logger.warning("device %s missed %d deadlines in a row; not asked again until it says hello or answers "
+                           "(schedule.max_missed_rounds)", device_id, d.missed)

@@ -8,12 +8,19 @@ the scheduling decisions:
 2. handle inbound messages until every asked device answered, refused, failed or went offline
    (last will), or the deadline passed, or ``stop`` was set. ``hello`` and ``status`` update the
    :class:`~edgehmoe.server.registry.DeviceRegistry` at any time; a
-   :class:`~edgehmoe.fl.wire.TrainResult` is decoded and validated (:func:`validate_result`)
-   before use. A result that cannot be decoded, fails validation, or arrives after the deadline
-   is rejected with a logged reason; one for an unknown task or another round is dropped; a
-   duplicate is counted once;
-3. :func:`aggregate`: FedAvg per expert of the valid results
-   (:func:`edgehmoe.fl.aggregation.aggregate_per_expert`, a pure function);
+   :class:`~edgehmoe.fl.wire.TrainResult` is decoded and validated (:func:`validate_result`:
+   names, shapes, exact dtypes, finite values, ``num_examples`` no larger than what the device
+   announced under the node, an update-norm bound relative to the current weights) before use.
+   A result that cannot be decoded, fails validation, or arrives after the deadline is rejected
+   with a logged reason; one for an unknown task or another round is dropped; a duplicate is
+   counted once. Whatever a message holds, handling it never raises: it is used or dropped with
+   a logged reason (retained junk, a left-over of the persistent session, during a run or on
+   ``--resume``). Devices that miss deadlines are reported to the registry, which stops
+   scheduling them after ``max_missed_rounds`` in a row;
+3. :func:`aggregate`: the chosen rule per expert (FedAvg, coordinate-wise median or trimmed
+   mean, optional norm clipping; :func:`edgehmoe.fl.aggregation.aggregate_per_expert`, pure,
+   float64, checked finite) of the valid results; an expert whose aggregate is unusable keeps
+   its weights;
 4. :func:`metrics_row`: the ``metrics.jsonl`` row of the round.
 
 The transport is anything with :class:`Transport`'s methods. The real one is an
@@ -27,19 +34,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from edgehmoe.server.registry import DeviceRegistry
 from edgehmoe.server.scheduler import FLAT
 
 from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.errors import EdgeHmoeError
 from edgehmoe.fl import wire
 from edgehmoe.fl.aggregation import (
+    AGGREGATIONS,
     InvalidUpdate,
     Weights,
     aggregate_per_expert,
+    check_update_norm,
+    clip_update,
     validate_update,
+    weights_norm,
 )
 from edgehmoe.fl.mqtt import MqttError, Topics
 
@@ -47,6 +59,7 @@ __all__ = [
     "Pending",
     "RoundRunner",
     "Transport",
+    "UpdateRules",
     "aggregate",
     "connect_mqtt",
     "metrics_row",
@@ -58,6 +71,39 @@ logger = logging.getLogger(__name__)
 
 #: Outcomes of an asked device, as written to ``metrics.jsonl`` ``outcomes``.
 OUTCOMES = ("asked", "ok", "refused", "error", "offline", "invalid", "late", "timeout")
+#: Outcomes that count as a missed deadline (see ``DeviceRegistry.on_missed``).
+MISSED = ("timeout", "late")
+
+
+@dataclass(frozen=True)
+class UpdateRules:
+    """How results are checked and combined (the ``[schedule]`` keys of the same names).
+
+    Attributes:
+        max_update_norm: bound of ``||w_new - w_task|| / max(||w_task||, 1)``; 0 = no bound.
+        update_norm_action: ``reject`` a result above the bound, or ``clip`` its change to it.
+        aggregation: one of :data:`edgehmoe.fl.aggregation.AGGREGATIONS`.
+        trim_fraction: for ``trimmed_mean``.
+        clip_factor: > 0 clips every change to this times the round's median change norm.
+    """
+
+    max_update_norm: float = 0.0
+    update_norm_action: str = "reject"
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    clip_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise InvalidUpdate(f"unknown aggregation {self.aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+        if self.update_norm_action not in ("reject", "clip"):
+            raise InvalidUpdate(f"update_norm_action must be reject or clip, got {self.update_norm_action!r}")
+
+    @classmethod
+    def from_schedule(cls, s) -> UpdateRules:
+        """From a :class:`~edgehmoe.server.config.ScheduleSection`."""
+        return cls(max_update_norm=s.max_update_norm, update_norm_action=s.update_norm_action,
+                   aggregation=s.aggregation, trim_fraction=s.trim_fraction, clip_factor=s.clip_factor)
 
 
 class Transport(Protocol):
@@ -123,11 +169,15 @@ class Pending:
         self.answered, self.outcome, self.reason, self.result = True, outcome, reason, result
 
 
-def validate_result(r: wire.TrainResult, task: wire.TrainTask, device_id: str) -> None:
+def validate_result(r: wire.TrainResult, task: wire.TrainTask, device_id: str, *, max_examples: int | None = None,
+                    max_update_norm: float = 0.0) -> None:
     """Check a result against the task it answers (Flower's ``validate_message_reply_consistency``).
 
     Run, round, node and sender must match the task; the weights must have the task's names,
-    shapes and dtypes, be finite, and ``num_examples > 0`` (:func:`~edgehmoe.fl.aggregation.validate_update`).
+    shapes and exact dtypes, be finite, and ``0 < num_examples <= max_examples`` (what the
+    device announced under the node; :func:`~edgehmoe.fl.aggregation.validate_update`); with
+    ``max_update_norm > 0`` the change from the task's weights must be at most that many times
+    their norm (:func:`~edgehmoe.fl.aggregation.check_update_norm`).
 
     :raises InvalidUpdate: naming the first problem.
     """
@@ -135,7 +185,9 @@ def validate_result(r: wire.TrainResult, task: wire.TrainTask, device_id: str) -
         raise InvalidUpdate(f"result is for run {r.run!r} round {r.round}, task was run {task.run!r} round {task.round}")
     if r.node != task.node or r.device_id != device_id:
         raise InvalidUpdate(f"result is for node {r.node} from {r.device_id}, task was node {task.node} for {device_id}")
-    validate_update(r.weights, task.weights, r.num_examples)
+    validate_update(r.weights, task.weights, r.num_examples, max_examples=max_examples)
+    if max_update_norm > 0:
+        check_update_norm(r.weights, task.weights, max_update_norm)
 
 
 class RoundRunner:
@@ -149,11 +201,14 @@ class RoundRunner:
         clock: wall-clock time source, compared with the deadline (``TrainTask.deadline_unix``).
         stop: when set, the round stops collecting; :meth:`fit_round` then returns ``None``
             unless every device had answered.
+        rules: the update-norm bound and the aggregation rule (:class:`UpdateRules`).
     """
 
     def __init__(self, transport: Transport, topics: Topics, registry: DeviceRegistry, tree: Hierarchy, *,
-                 clock: Callable[[], float] = time.time, stop: threading.Event | None = None):
+                 clock: Callable[[], float] = time.time, stop: threading.Event | None = None,
+                 rules: UpdateRules | None = None):
         self.transport = transport
+        self.rules = rules if rules is not None else UpdateRules()
         self.topics = topics
         self.run = topics.run
         self.registry = registry
@@ -185,7 +240,22 @@ class RoundRunner:
             self.handle(topic, payload)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Decode one inbound message and route it to the registry or the open round."""
+        """Decode one inbound message and route it to the registry or the open round.
+
+        Never raises for anything a device can send: a message that cannot be used is dropped
+        with a logged reason (one line; an unforeseen exception is logged with its traceback as
+        a server bug, and the message is still only dropped), so retained junk or a left-over
+        of the persistent session cannot stop a run or a ``--resume``.
+        """
+        try:
+            self._handle(topic, payload)
+        except EdgeHmoeError as e:
+            logger.warning("dropped message on %s (%s bytes): %s", topic, _size(payload), e)
+        except Exception:  # noqa: BLE001 - network input must never stop the server
+            logger.error("server bug while handling a message on %s (%s bytes); message dropped", topic,
+                         _size(payload), exc_info=True)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         try:
             dev_id, kind = self.topics.parse(topic)
         except ValueError as e:
@@ -194,7 +264,7 @@ class RoundRunner:
         try:
             msg = wire.decode(payload)
         except wire.WireError as e:
-            logger.warning("dropped bad %s payload from %s (%d bytes): %s", kind, dev_id, len(payload), e)
+            logger.warning("dropped bad %s payload from %s (%s bytes): %s", kind, dev_id, _size(payload), e)
             if kind == "result":
                 self._settle_device(dev_id, "invalid", f"undecodable result: {e}")
             return
@@ -229,6 +299,7 @@ class RoundRunner:
             self._settle_device(s.device_id, s.state, s.detail)
 
     def _on_result(self, r: wire.TrainResult) -> None:
+        self.registry.on_answer(r.device_id)  # it is alive, whatever becomes of this result
         p = self.pending.get(r.task_id) if self.open else None
         if p is None or r.round != self.round:
             logger.warning("dropped result from %s for task %s (round %d): not a task of this round (late or stale)",
@@ -242,8 +313,20 @@ class RoundRunner:
             p.settle("late", f"arrived {now - self.deadline:.1f} s after the deadline")
             logger.warning("dropped late result from %s for round %d", r.device_id, r.round)
             return
+        rules = self.rules
+        reject_norm = rules.max_update_norm if rules.update_norm_action == "reject" else 0.0
         try:
-            validate_result(r, p.task, p.device_id)
+            validate_result(r, p.task, p.device_id, max_examples=self.registry.samples_under(p.device_id,
+                                                                                             p.task.label_map),
+                            max_update_norm=reject_norm)
+            if rules.update_norm_action == "clip" and rules.max_update_norm > 0:
+                ratio = check_update_norm(r.weights, p.task.weights, 0.0)
+                if ratio > rules.max_update_norm:
+                    bound = rules.max_update_norm * max(weights_norm(p.task.weights), 1.0)
+                    r = replace(r, weights=clip_update(r.weights, p.task.weights, bound))
+                    logger.warning("clipped update from %s for %s: its norm was %.3g x the weights' norm, above "
+                                   "%g (schedule.max_update_norm)", r.device_id, node_name(self.tree, p.node),
+                                   ratio, rules.max_update_norm)
         except InvalidUpdate as e:
             p.settle("invalid", str(e))
             logger.warning("rejected update from %s for %s: %s", r.device_id, node_name(self.tree, p.node), e)
@@ -284,22 +367,45 @@ class RoundRunner:
             self.open = False
         if not all(p.answered for p in self.pending.values()):
             return None  # stopped mid-round
+        for p in self.pending.values():
+            if p.outcome in MISSED:
+                self.registry.on_missed(p.device_id)
+            elif p.outcome != "offline":
+                self.registry.on_answer(p.device_id)
         return list(self.pending.values())
 
 
-def aggregate(pending: Iterable[Pending]) -> dict[int, Weights]:
-    """FedAvg per expert of the ``ok`` results (weighted by ``num_examples``; dtypes of the task)."""
+def _size(payload: object) -> str:
+    return str(len(payload)) if hasattr(payload, "__len__") else "?"
+
+
+def aggregate(pending: Iterable[Pending], rules: UpdateRules | None = None) -> dict[int, Weights]:
+    """Aggregate per expert the ``ok`` results with ``rules.aggregation`` (default FedAvg weighted
+    by ``num_examples``; dtypes of the task; float64, checked finite).
+
+    An expert whose aggregate cannot be used (not finite in its dtype, which validation should
+    already have made impossible) is left out with a logged reason: it keeps its weights.
+    """
+    rules = rules if rules is not None else UpdateRules()
     by_node: dict[int, list] = {}
     templates: dict[int, Weights] = {}
     for p in pending:
         if p.outcome == "ok" and p.result is not None:
             by_node.setdefault(p.node, []).append((p.result.weights, p.result.num_examples))
             templates[p.node] = p.task.weights
-    return aggregate_per_expert(by_node, templates=templates)
+    out: dict[int, Weights] = {}
+    for node, updates in by_node.items():
+        try:
+            out.update(aggregate_per_expert({node: updates}, templates, method=rules.aggregation,
+                                            trim_fraction=rules.trim_fraction, clip_factor=rules.clip_factor))
+        except InvalidUpdate as e:
+            logger.error("expert %s not updated this round: %s", node, e)
+    return out
 
 
 def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], updated: Iterable[int], *,
-                lr: float, aggregation_ms: float, round_wall_s: float, time_unix: float) -> dict:
+                lr: float, aggregation_ms: float, round_wall_s: float, time_unix: float,
+                aggregation: str = "fedavg") -> dict:
     """The ``metrics.jsonl`` row of a round (validation metrics are added by the caller).
 
     Keys: ``round``, ``kind``, ``nodes``/``experts`` (asked), ``updated`` (aggregated),
@@ -307,8 +413,8 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
     ``rejected`` (device -> reason, for results received but not used: invalid or late),
     ``tasks`` (device -> node asked), ``reasons`` (device -> reason of every outcome but ok:
     refused, error, offline, timeout, invalid, late),
-    ``per_device`` (measurements of the valid results), ``aggregation_ms``, ``round_wall_s``,
-    ``lr``, ``time_unix``.
+    ``per_device`` (measurements of the valid results), ``aggregation`` (the rule),
+    ``aggregation_ms``, ``round_wall_s``, ``lr``, ``time_unix``.
     """
     ok = sorted((p for p in pending if p.outcome == "ok"), key=lambda p: p.device_id)
     nodes = {int(p.node) for p in pending}
@@ -330,6 +436,7 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
              "peak_rss_mb": p.result.peak_rss_mb, "loss": p.result.loss}
             for p in ok
         ],
+        "aggregation": aggregation,
         "aggregation_ms": aggregation_ms,
         "round_wall_s": round_wall_s,
         "lr": lr,

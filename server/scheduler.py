@@ -17,6 +17,9 @@ Smooth weighted round-robin (as in nginx): each pick adds every node's weight to
 credit, takes the node with the largest credit and subtracts the total weight from it. Over
 many picks each node is chosen in proportion to its weight, evenly spread; the credits are
 saved in ``state.json`` so a resumed run continues the same sequence.
+
+Counts are summed as Python ints or float64, never int64: a device claiming huge counts (the
+registry refuses those, see docs/security.md) cannot wrap a sum around.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class Scheduler:
         }
 
     def samples_under(self, node: int, class_counts: np.ndarray) -> int:
-        return int(np.asarray(class_counts)[self._under[node]].sum())
+        """Samples of ``class_counts`` under ``node``, summed as Python ints (never overflows int64)."""
+        counts = np.asarray(class_counts)[self._under[node]]
+        return sum(int(v) for v in counts.tolist())
 
     def _fits(self, dev: DeviceView, node: int) -> bool:
         need = self.memory_need_mb.get(node, 0.0)
@@ -83,7 +88,10 @@ class Scheduler:
     def weights(self, devices: list[DeviceView]) -> dict[int, float]:
         if self.weighting == "uniform":
             return {n: 1.0 for n in self.nodes}
-        w = {n: float(sum(self.samples_under(n, d.class_counts) for d in devices)) for n in self.nodes}
+        # float64 sums of per-device counts (each device's hello is bounded by the registry);
+        # no int64 arithmetic that could wrap around to "0 samples".
+        counts = [np.asarray(d.class_counts, dtype=np.float64) for d in devices]
+        w = {n: float(sum(float(c[self._under[n]].sum()) for c in counts)) for n in self.nodes}
         if self.weighting == "sqrt":
             w = {n: float(np.sqrt(v)) for n, v in w.items()}
         return w
@@ -102,10 +110,10 @@ class Scheduler:
         if rng is not None:
             devices = [devices[i] for i in rng.permutation(len(devices))]
         weights = self.weights(devices)
-        has_data = {
-            d.device_id: {n for n in self.nodes if self.samples_under(n, d.class_counts) > 0 and self._fits(d, n)}
-            for d in devices
-        }
+        has_data = {}
+        for d in devices:
+            c = np.asarray(d.class_counts, dtype=np.float64)
+            has_data[d.device_id] = {n for n in self.nodes if c[self._under[n]].sum() > 0 and self._fits(d, n)}
         if self.kind == "flat" or self.mode == "paper":
             eligible = [n for n in self.nodes if weights[n] > 0 and any(n in has_data[d.device_id] for d in devices)]
             if not eligible:

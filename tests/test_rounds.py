@@ -116,10 +116,15 @@ def const_like(weights: dict, f: float, i: int) -> dict:
 
 
 def make_cfg(tmp_path: Path, kind: str = "hmoe", rounds: int = 1, min_devices: int = 1, eval_every: int = 1,
-             eval_max: int = 5000):
+             eval_max: int = 5000, max_update_norm: float = 0.0, **schedule):
+    """A tiny run config; ``max_update_norm`` is off by default because the scripted updates
+    are constants far from the initial weights (tests/test_security_server.py tests the bound)."""
     from edgehmoe.server.config import RunConfig
 
     cfg = RunConfig()
+    cfg.schedule.max_update_norm = max_update_norm
+    for k, v in schedule.items():
+        setattr(cfg.schedule, k, v)
     cfg.run.name, cfg.run.out, cfg.run.dataset, cfg.run.val_fraction = "t-rounds", str(tmp_path / "run"), DATASET, 0.25
     cfg.model.kind, cfg.model.flat_width = kind, 8
     cfg.schedule.rounds, cfg.schedule.min_devices = rounds, min_devices
