@@ -144,7 +144,7 @@ class AggregationServer:
         )
         from edgehmoe.model.training import state_arrays
 
-        self.store.check(self.resume)  # before the (slow) data loading
+        self.store.check(self.resume, self.cfg.run.name)  # before the (slow) data loading
         self.val, mean, std = self._load_eval_data()
         self.tree = self.val.hierarchy
         self.specs = self._specs(self.tree, self.val.image_size)
@@ -153,7 +153,8 @@ class AggregationServer:
         self.store.model = ModelInfo(tree=self.tree, input_size=int(self.val.image_size), dataset=self.cfg.run.dataset,
                                      specs=self.specs, params=self.params)
         if self.resume:
-            self.state, self.weights, self.history = self.store.resume(self.cfg.model.kind)
+            self.state, self.weights, self.history = self.store.resume(self.cfg.model.kind, self.cfg.run.name)
+            self._check_resumed_weights(state_arrays, build_model)
             self.registry = DeviceRegistry.from_json(self.tree.num_classes, self.state.devices, self.clock,
                                                      **self._registry_limits())
         else:
@@ -170,6 +171,20 @@ class AggregationServer:
             self.registry = DeviceRegistry(self.tree.num_classes, self.clock, **self._registry_limits())
         self.scheduler = Scheduler(self.tree, self.cfg.model.kind, self.cfg.schedule.mode,
                                    self.cfg.schedule.weighting, self.memory_need, self.state.credits)
+
+    def _check_resumed_weights(self, state_arrays, build_model) -> None:
+        """The committed weights fit the configured networks (names, shapes, dtypes), or a
+        :class:`RunDirError` naming the first difference."""
+        if set(self.weights) != set(self.specs):
+            raise RunDirError(f"{self.store.state_path} names weights of nodes {sorted(self.weights)} but the config "
+                              f"gives nodes {sorted(self.specs)}; resume with the run's own config.toml")
+        for n, spec in self.specs.items():
+            ref, got = state_arrays(build_model(spec)), self.weights[n]
+            diff = sorted(set(ref) ^ set(got)) or [k for k in ref if (ref[k].shape, ref[k].dtype)
+                                                    != (got[k].shape, got[k].dtype)]
+            if diff:
+                raise RunDirError(f"{self.out / self.state.files[n]} does not fit the network of node {n} "
+                                  f"(parameter {diff[0]!r}); resume with the run's own config.toml")
 
     def _registry_limits(self) -> dict:
         s = self.cfg.schedule

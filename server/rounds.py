@@ -31,6 +31,7 @@ whose inbox is a queue.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 #: Outcomes of an asked device, as written to ``metrics.jsonl`` ``outcomes``.
 OUTCOMES = ("asked", "ok", "refused", "error", "offline", "invalid", "late", "timeout")
+#: Seconds between two "dropped ..." lines about one device (or topic).
+DROP_LOG_INTERVAL_S = 60.0
 #: Outcomes that count as a missed deadline (see ``DeviceRegistry.on_missed``).
 MISSED = ("timeout", "late")
 
@@ -219,6 +222,7 @@ class RoundRunner:
         self.deadline = 0.0
         self.open = False  # collecting results of self.round
         self.pending: dict[str, Pending] = {}  # task_id -> Pending
+        self._drop_log: dict[str, tuple[float, int]] = {}  # key -> (time of last line, lines not written)
 
     def subscribe(self) -> None:
         """Listen to every device's hello, status and result."""
@@ -250,7 +254,7 @@ class RoundRunner:
         try:
             self._handle(topic, payload)
         except EdgeHmoeError as e:
-            logger.warning("dropped message on %s (%s bytes): %s", topic, _size(payload), e)
+            self._drop(topic, "dropped message on %s (%s bytes): %s", topic, _size(payload), e)
         except Exception:  # noqa: BLE001 - network input must never stop the server
             logger.error("server bug while handling a message on %s (%s bytes); message dropped", topic,
                          _size(payload), exc_info=True)
@@ -259,18 +263,19 @@ class RoundRunner:
         try:
             dev_id, kind = self.topics.parse(topic)
         except ValueError as e:
-            logger.warning("ignoring message on unexpected topic %s: %s", topic, e)
+            self._drop(topic, "ignoring message on unexpected topic %s: %s", topic, e)
             return
         try:
             msg = wire.decode(payload)
         except wire.WireError as e:
-            logger.warning("dropped bad %s payload from %s (%s bytes): %s", kind, dev_id, _size(payload), e)
+            self._drop(f"{dev_id}/{kind}", "dropped bad %s payload from %s (%s bytes): %s", kind, dev_id,
+                       _size(payload), e)
             if kind == "result":
                 self._settle_device(dev_id, "invalid", f"undecodable result: {e}")
             return
         sender = getattr(msg, "device_id", dev_id)
         if sender != dev_id:
-            logger.warning("dropped %s on %s: it claims device %r", type(msg).__name__, topic, sender)
+            self._drop(dev_id, "dropped %s on %s: it claims device %r", type(msg).__name__, topic, sender)
             return
         if kind == "hello" and isinstance(msg, wire.Hello):
             self.registry.on_hello(msg)
@@ -280,7 +285,24 @@ class RoundRunner:
         elif kind == "result" and isinstance(msg, wire.TrainResult):
             self._on_result(msg)
         else:
-            logger.warning("dropped %s on %s topic of %s", type(msg).__name__, kind, dev_id)
+            self._drop(dev_id, "dropped %s on %s topic of %s", type(msg).__name__, kind, dev_id)
+
+    def _drop(self, key: str, msg: str, *args) -> None:
+        """Warn that a message was dropped; at most one line per ``key`` (device or topic) per
+        :data:`DROP_LOG_INTERVAL_S`, then a count of the lines not written (a device sending junk
+        in a loop cannot fill the log)."""
+        now = self.clock()
+        last, skipped = self._drop_log.get(key, (-math.inf, 0))
+        if now - last < DROP_LOG_INTERVAL_S:
+            self._drop_log[key] = (last, skipped + 1)
+            return
+        if skipped:
+            msg += " (%d more dropped message(s) of it in the last %.0f s not logged)"
+            args += (skipped, now - last)
+        if len(self._drop_log) > 100_000:  # bound the memory of the limiter itself
+            self._drop_log.clear()
+        self._drop_log[key] = (now, 0)
+        logger.warning(msg, *args)
 
     def _settle_device(self, dev_id: str, outcome: str, reason: str) -> None:
         """Settle every unanswered task of ``dev_id`` in the open round."""
@@ -302,8 +324,8 @@ class RoundRunner:
         self.registry.on_answer(r.device_id)  # it is alive, whatever becomes of this result
         p = self.pending.get(r.task_id) if self.open else None
         if p is None or r.round != self.round:
-            logger.warning("dropped result from %s for task %s (round %d): not a task of this round (late or stale)",
-                           r.device_id, r.task_id, r.round)
+            self._drop(r.device_id, "dropped result from %s for task %s (round %d): not a task of this round "
+                       "(late or stale)", r.device_id, r.task_id, r.round)
             return
         if p.answered:
             logger.info("duplicate result for task %s from %s ignored (already %s)", r.task_id, r.device_id, p.outcome)

@@ -16,6 +16,13 @@ A round is committed in this order (:meth:`RunStore.commit`): new weights go to 
 A crash at any instant leaves the last committed round intact; :meth:`RunStore.resume` drops
 what an interrupted round left behind (rows and weight files past the commit) so no round is
 lost or repeated. See docs/design.md, "Federated round".
+
+Every file is checked when it is read back, and each problem is one :class:`RunDirError` that
+names the file and the fix (no traceback): a ``state.json`` that is not an object or lacks a
+key, a weight file that is not safetensors or holds NaN/inf, a metrics row that is not JSON. A
+torn last line of ``metrics.jsonl`` (a crash mid-append) is repaired on ``--resume`` with a log
+line. A new run refuses a directory that holds something else (a model directory, other
+files), and ``--resume`` refuses a run directory of another run.
 """
 
 from __future__ import annotations
@@ -94,20 +101,46 @@ class RunState:
 
     @classmethod
     def from_json(cls, d: dict, path: Path | str = "state.json") -> RunState:
+        if not isinstance(d, dict):
+            raise RunDirError(f"{path} holds a JSON {type(d).__name__}, not an object; restore it from a backup "
+                              "or start a new run")
         if d.get("state_version") != STATE_VERSION:
             raise RunDirError(f"{path}: state_version {d.get('state_version')} is not {STATE_VERSION}; "
                               "this run was written by another edgehmoe version (start a new run)")
+        missing = [k for k in ("kind", "round", "mean", "std", "files") if k not in d]
+        if missing:
+            raise RunDirError(f"{path} lacks the key(s) {', '.join(missing)}; restore it from a backup or start a "
+                              "new run")
         try:
-            return cls(
-                run=d.get("run", ""), kind=d["kind"], round=int(d["round"]), rounds=int(d.get("rounds", 0)),
-                mean=list(d["mean"]), std=list(d["std"]),
-                files={int(k): v for k, v in d["files"].items()},
-                credits={int(k): float(v) for k, v in d.get("credits", {}).items()},
-                visits={int(k): int(v) for k, v in d.get("visits", {}).items()},
+            state = cls(
+                run=str(d.get("run", "")), kind=d["kind"], round=_int(d["round"]), rounds=_int(d.get("rounds", 0)),
+                mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
+                files={int(k): v for k, v in _obj(d["files"]).items()},
+                credits={int(k): float(v) for k, v in _obj(d.get("credits", {})).items()},
+                visits={int(k): _int(v) for k, v in _obj(d.get("visits", {})).items()},
                 devices=list(d.get("devices", [])),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunDirError(f"{path} is malformed ({e}); restore it from a backup or start a new run") from None
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise RunDirError(f"{path} is malformed ({type(e).__name__}: {e}); restore it from a backup or start "
+                              "a new run") from None
+        bad = [f for f in state.files.values()
+               if not isinstance(f, str) or not f.startswith("experts/") or ".." in Path(f).parts]
+        if state.kind not in ("hmoe", "flat") or state.round < 0 or bad:
+            what = f"files {bad[:3]!r} outside experts/" if bad else f"kind {state.kind!r} / round {state.round}"
+            raise RunDirError(f"{path} is malformed ({what}); restore it from a backup or start a new run")
+        return state
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise TypeError(f"{v!r} is not an integer")
+    return int(v)
+
+
+def _obj(v: object) -> dict:
+    if not isinstance(v, dict):
+        raise TypeError(f"expected an object, got {type(v).__name__}")
+    return v
 
 
 @dataclass
@@ -142,12 +175,33 @@ class RunStore:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
-    def check(self, resume: bool) -> None:
-        """Refuse to start over an existing run, or to resume a missing one (:class:`RunDirError`)."""
+    #: What a run directory may hold before its ``state.json`` exists (a creation interrupted
+    #: before its commit, the dashboard's live file, temp files of atomic writes).
+    FRESH_ENTRIES = ("experts", "config.toml", "metrics.jsonl", "live.json")
+
+    def check(self, resume: bool, run: str | None = None) -> None:
+        """Refuse to start over an existing run or into a directory that holds something else, or
+        to resume a missing run or another run (``run``: the configured run name) (:class:`RunDirError`)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise RunDirError(f"run.out {self.out} is a file, not a directory; choose another out")
         if self.state_path.exists() and not resume:
             raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it, or choose another out")
         if resume and not self.state_path.exists():
             raise RunDirError(f"cannot resume: {self.state_path} does not exist (start the run without --resume)")
+        if not resume and self.out.is_dir():
+            if (self.out / "model.json").exists():
+                raise RunDirError(f"{self.out} is a model directory, not a run directory (model.json without "
+                                  "state.json); a run there would overwrite its model.json: choose another out")
+            other = sorted(p.name for p in self.out.iterdir()
+                           if p.name not in self.FRESH_ENTRIES and not p.name.startswith("."))
+            if other:
+                raise RunDirError(f"{self.out} is not empty and not a run directory (it holds {', '.join(other[:5])}"
+                                  f"{', ...' if len(other) > 5 else ''}); choose another out")
+        if resume and run is not None:
+            state = self.read_state()
+            if state.run and state.run != run:
+                raise RunDirError(f"{self.out} holds run {state.run!r}, not {run!r} (run.name); resume it with its "
+                                  "own config, or choose another out")
 
     # ------------------------------------------------------------------ files
     def write_weights(self, node: int, rnd: int, arrays: Mapping[str, np.ndarray]) -> str:
@@ -160,23 +214,57 @@ class RunStore:
         return rel
 
     def load_weights(self, rel: str) -> Weights:
+        """The arrays of a committed weight file; :class:`RunDirError` unless it is a safetensors
+        file of finite values."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         f = self.out / rel
         if not f.is_file():
             raise RunDirError(f"{f} named in {self.state_path} is missing; restore it from a backup or start a new run")
-        return load_file(str(f))
+        try:
+            arrays = load_file(str(f))
+        except (SafetensorError, ValueError, TypeError, OverflowError) as e:
+            raise RunDirError(f"{f} is not a safetensors weight file ({e}); restore it from a backup or start a "
+                              "new run") from None
+        bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise RunDirError(f"{f}: parameter {bad[0]!r} holds NaN or inf; restore it from a backup or start a "
+                              "new run")
+        return arrays
 
     def read_state(self) -> RunState:
         try:
             d = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise RunDirError(f"{self.state_path} is not valid JSON ({e}); restore it from a backup") from None
         return RunState.from_json(d, self.state_path)
 
-    def read_metrics(self) -> list[dict]:
+    def _metric_lines(self) -> tuple[list[str], list[dict], bool]:
+        """``(lines, rows, torn)`` of ``metrics.jsonl``; ``torn``: the last line was cut short
+        (a crash mid-append) and is not among them. Any other bad line is a :class:`RunDirError`."""
         p = self.metrics_path
-        return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+        try:
+            lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+        except UnicodeDecodeError:
+            raise RunDirError(f"{p} is not text; restore it from a backup or start a new run") from None
+        rows: list[dict] = []
+        for i, ln in enumerate(lines):
+            try:
+                row = json.loads(ln)
+            except (json.JSONDecodeError, RecursionError):
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("round", -1), int):
+                if i == len(lines) - 1:
+                    return lines[:-1], rows, True
+                raise RunDirError(f"{p} line {i + 1} is not a metrics row; restore the file from a backup or "
+                                  "remove that line")
+            rows.append(row)
+        return lines, rows, False
+
+    def read_metrics(self) -> list[dict]:
+        """The rows of ``metrics.jsonl`` (a torn last line is left out)."""
+        return self._metric_lines()[1]
 
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -217,14 +305,14 @@ class RunStore:
         self.write_model_json(state)
         return state
 
-    def resume(self, kind: str) -> tuple[RunState, dict[int, Weights], list[dict]]:
+    def resume(self, kind: str, run: str | None = None) -> tuple[RunState, dict[int, Weights], list[dict]]:
         """Open the last committed round: ``(state, weights by node, metric rows)``.
 
         Rows and weight files past the commit (left by a round interrupted between its first
         write and ``state.json``) are discarded, and ``model.json`` is rewritten from the
         committed state (a crash between ``state.json`` and ``model.json`` leaves it stale).
         """
-        self.check(resume=True)
+        self.check(resume=True, run=run)
         state = self.read_state()
         if state.kind != kind:
             raise RunDirError(f"{self.state_path} is a {state.kind} run but the config says model.kind = {kind}")
@@ -237,8 +325,10 @@ class RunStore:
     def discard_uncommitted(self, state: RunState) -> list[dict]:
         """Drop metric rows of rounds >= ``state.round`` and weight files ``state`` does not name."""
         p = self.metrics_path
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
-        kept = [ln for ln in lines if json.loads(ln).get("round", -1) < state.round]
+        lines, rows, torn = self._metric_lines()
+        if torn:
+            logger.warning("%s: its last line was cut short (a crash while appending); removed it", p)
+        kept = [ln for ln, row in zip(lines, rows) if row.get("round", -1) < state.round]
         dropped = len(lines) - len(kept)
         atomic_write_bytes(p, "".join(ln + "\n" for ln in kept).encode())  # rows stay byte for byte
         keep = set(state.files.values())
@@ -248,7 +338,7 @@ class RunStore:
         if dropped or stale:
             logger.info("discarded what an interrupted round left: %d metric row(s), %d weight file(s)",
                         dropped, len(stale))
-        return [json.loads(ln) for ln in kept]
+        return [row for row in rows if row.get("round", -1) < state.round]
 
     def commit(self, rnd: int, new: Mapping[int, Weights], row: dict, state: RunState) -> RunState:
         """Commit round ``rnd``: returns ``state`` naming the new weight files.
