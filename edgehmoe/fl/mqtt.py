@@ -780,6 +780,21 @@ class MqttConnection:
             self._connected = False
             self._cond.notify_all()
 
+    def drop_link(self) -> None:
+        """Cut the TCP connection without a DISCONNECT, as a power cut or a Wi-Fi loss would.
+
+        The broker publishes the last will; the connection then reconnects by itself (after
+        ``reconnect_min_delay``). Fault injection for tests and the fleet emulator.
+        """
+        import socket as _socket
+
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:  # already gone
+                pass
+
     def close(self) -> None:
         """Disconnect cleanly (the broker does NOT publish the will) and stop the network thread.
 
