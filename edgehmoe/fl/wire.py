@@ -32,7 +32,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import numpy as np
 
@@ -58,6 +58,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "check_id",
     "encode",
+    "encode_many",
     "decode",
 ]
 
@@ -386,14 +387,11 @@ def _array_for_wire(where: str, value: Any) -> np.ndarray:
     return np.asarray(value, dtype=_DTYPES[tag], order="C")
 
 
-def encode(msg: Message) -> bytes:
-    """Serialise one message to a single safetensors blob.
+def _encode_parts(msg: Message, with_arrays: bool = True) -> tuple:
+    """``(metadata, tensors)`` of ``msg``, checked as :func:`decode` would check them.
 
-    Fields are validated as :func:`decode` would, so a malformed message fails at the sender
-    with a :class:`WireError` instead of being rejected by the receiver.
+    ``with_arrays=False`` checks and returns the scalar fields only (``tensors`` is empty).
     """
-    from safetensors.numpy import save  # local: keeps "import edgehmoe.fl.wire" cheap
-
     type_name = type(msg).__name__
     if MESSAGE_TYPES.get(type_name) is not type(msg):
         raise WireError(f"cannot encode {type_name}; known messages: {', '.join(MESSAGE_TYPES)}")
@@ -413,6 +411,8 @@ def encode(msg: Message) -> bytes:
                 except (TypeError, ValueError) as err:
                     raise WireError(f"{type_name}.{name} is not JSON-serialisable: {err}") from err
             scalars[name] = value
+        elif not with_arrays:
+            continue
         elif kind == "int_vector":
             if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
                 raise WireError(f"{where} must be an integer numpy array")
@@ -433,8 +433,58 @@ def encode(msg: Message) -> bytes:
         fields_json = json.dumps(scalars, allow_nan=False, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as err:
         raise WireError(f"{type_name} fields are not JSON-serialisable: {err}") from err
-    metadata = {"type": type_name, "protocol": str(PROTOCOL_VERSION), "fields": fields_json}
+    return {"type": type_name, "protocol": str(PROTOCOL_VERSION), "fields": fields_json}, tensors
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise one message to a single safetensors blob.
+
+    Fields are validated as :func:`decode` would, so a malformed message fails at the sender
+    with a :class:`WireError` instead of being rejected by the receiver.
+    """
+    from safetensors.numpy import save  # local: keeps "import edgehmoe.fl.wire" cheap
+
+    metadata, tensors = _encode_parts(msg)
     return save(tensors, metadata=metadata)
+
+
+def _array_fields(msg: Message) -> tuple:
+    return tuple(id(getattr(msg, name)) for name, kind in _SCHEMA[type(msg).__name__].items()
+                 if kind not in _SCALAR_KINDS)
+
+
+def encode_many(msgs: "Sequence[Message]") -> "List[bytes]":
+    """:func:`encode` each message; messages whose array fields are the very same objects (``is``)
+    as an earlier one's share its serialised tensors, and only their header is built again.
+
+    A round sends one task per device, and in the paper's schedule every task of a round carries
+    the same expert's weights and label map: encoding them once instead of a thousand times is
+    what keeps publishing a round's tasks cheap. The bytes are a valid payload like any other
+    (:func:`decode` returns the same message as for :func:`encode`); the arrays must not be
+    changed while this runs.
+    """
+    import struct
+
+    out: List[bytes] = []
+    shared: Dict[tuple, tuple] = {}  # (type, ids of the array fields) -> (tensor entries, data bytes)
+    for msg in msgs:
+        key = (type(msg), _array_fields(msg)) if type(msg) in MESSAGE_TYPES.values() else None
+        hit = shared.get(key) if key is not None else None
+        if hit is None:
+            blob = encode(msg)
+            (n,) = _HEADER_LEN.unpack_from(blob, 0)
+            entries = json.loads(blob[_HEADER_LEN.size:_HEADER_LEN.size + n])
+            entries.pop("__metadata__", None)
+            if key is not None:
+                shared[key] = (entries, blob[_HEADER_LEN.size + n:])
+            out.append(blob)
+            continue
+        metadata, _ = _encode_parts(msg, with_arrays=False)
+        entries, data = hit
+        header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode("utf-8")
+        header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+        out.append(struct.pack("<Q", len(header)) + header + data)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
