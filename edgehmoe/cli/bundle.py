@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -175,10 +176,16 @@ def cmd_export(args) -> int:
     src = args.model_dir or args.run
     if bool(args.model_dir) == bool(args.run):
         raise UsageError("give exactly one of --model-dir DIR or --run runs/NAME")
+    if args.sign_key and not Path(args.sign_key).is_file():  # before the (slow) export
+        raise UsageError(f"--sign-key {args.sign_key} does not exist; make a key pair with `edgehmoe bundle keygen`")
     path = export_bundle(
         src, args.out, include_flat=not args.no_flat, opset=args.opset, check_parity=not args.no_parity,
         atol=args.atol, overwrite=args.overwrite,
     )
+    if args.sign_key:
+        from edgehmoe.edge.integrity import sign_manifest
+
+        logger.info("signed %s", sign_manifest(Path(path).parent, args.sign_key))
     m = json.loads(Path(path).read_text())
     parity = m.get("parity", {})
     summary = {
@@ -199,6 +206,7 @@ def cmd_predict(args) -> int:
     from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
 
     check_decode(args.beam, args.threshold)  # before opening the bundle or reading any image
+    _use_verify_key(args)
     if args.model == "flat":
         pred = FlatPredictor(args.bundle, threads=args.threads)
     else:
@@ -244,12 +252,43 @@ def cmd_bundle_subset(args) -> int:
 
 
 def cmd_bundle_verify(args) -> int:
+    from edgehmoe.edge.integrity import bundle_verify_key
     from edgehmoe.edge.manifest import verify_bundle
 
-    m = verify_bundle(args.bundle)
+    key = bundle_verify_key(args.verify_key)
+    m = verify_bundle(args.bundle, verify_key=key)
     n = len(m["experts"]) + (1 if m.get("flat") else 0)
-    print(f"{args.bundle}: all {n} files match their sha256")
+    print(f"{args.bundle}: all {n} files match their sha256" + (f"; manifest signed by {key}" if key else ""))
     return 0
+
+
+def cmd_bundle_keygen(args) -> int:
+    from edgehmoe.edge.integrity import generate_keypair
+
+    key, pub = generate_keypair(args.out)
+    print(f"wrote {key} (private: keep it where bundles are exported, sign with `edgehmoe export --sign-key "
+          f"{key}`) and {pub} (copy it to the devices: `edgehmoe predict --verify-key {pub.name}` or "
+          "EDGEHMOE_BUNDLE_PUBKEY)")
+    return 0
+
+
+def add_verify_key_arg(parser) -> None:
+    """``--verify-key PUB`` (for every command that loads a bundle)."""
+    parser.add_argument("--verify-key", metavar="PUB", default=None,
+                        help="public key (edgehmoe bundle keygen); the bundle's manifest must be signed by it "
+                             "(default: $EDGEHMOE_BUNDLE_PUBKEY, else no signature check)")
+
+
+def _use_verify_key(args) -> None:
+    """Make ``--verify-key`` the key every bundle load of this process verifies against
+    (:func:`edgehmoe.edge.integrity.bundle_verify_key` reads the environment variable)."""
+    from edgehmoe.edge.integrity import BUNDLE_PUBKEY_ENV
+
+    key = getattr(args, "verify_key", None)
+    if key:
+        if not Path(key).is_file():
+            raise UsageError(f"--verify-key {key} does not exist; copy the public key made by `edgehmoe bundle keygen`")
+        os.environ[BUNDLE_PUBKEY_ENV] = str(key)
 
 
 def cmd_bundle_show(args) -> int:
@@ -280,9 +319,11 @@ def _check_before_loading_data(args, *, bundle: str | None = None, model_dir: st
 
     parse_spec(args.dataset)
     if bundle is not None:
+        from edgehmoe.edge.integrity import bundle_verify_key
         from edgehmoe.edge.manifest import read_manifest
 
-        read_manifest(bundle)
+        _use_verify_key(args)
+        read_manifest(bundle, verify_key=bundle_verify_key())
     if model_dir is not None:
         from edgehmoe.core.checkpoint import read_model_dir
 
@@ -328,6 +369,8 @@ def register(subparsers) -> None:
     e.add_argument("--no-flat", action="store_true", help="leave the flat baseline out")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on logits (max abs, default 1e-4)")
+    e.add_argument("--sign-key", metavar="KEY", default=None,
+                   help="sign the manifest with this Ed25519 private key (edgehmoe bundle keygen): writes manifest.sig")
     e.add_argument("--no-parity", action="store_true", help="skip the torch vs onnxruntime parity check")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     e.add_argument("--json", action="store_true")
@@ -345,6 +388,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=32, help="experts kept loaded at once (default 32; 0 = all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true")
+    add_verify_key_arg(p)
     p.set_defaults(func=cmd_predict)
 
     b = subparsers.add_parser("bundle", help="inspect, verify or cut down an ONNX bundle")
@@ -358,6 +402,10 @@ def register(subparsers) -> None:
     s.set_defaults(func=cmd_bundle_subset)
     v = bs.add_parser("verify", help="check every file against its sha256 in the manifest")
     v.add_argument("--bundle", required=True, metavar="BUNDLE")
+    add_verify_key_arg(v)
+    kg = bs.add_parser("keygen", help="make an Ed25519 key pair to sign bundles (export --sign-key)")
+    kg.add_argument("--out", required=True, metavar="DIR", help="folder for bundle-signing.key and .pub")
+    kg.set_defaults(func=cmd_bundle_keygen)
     v.set_defaults(func=cmd_bundle_verify)
     sh = bs.add_parser("show", help="print the bundle's tree and sizes")
     sh.add_argument("--bundle", required=True, metavar="BUNDLE")
@@ -399,6 +447,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=float, default=None)
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--json", action="store_true")
+    add_verify_key_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
     return parser
 

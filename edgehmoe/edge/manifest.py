@@ -13,15 +13,25 @@ A *bundle* is a folder written by :func:`edgehmoe.export.bundle.export_bundle` (
 :class:`BundleError` instead of producing silent garbage. The field list of the manifest is in
 :mod:`edgehmoe.export.bundle`. Uses the standard library and :mod:`edgehmoe.core` only
 (no onnxruntime, no torch).
+
+A manifest comes from wherever the bundle was copied from, so every field is type-checked
+before it is used: a malformed one (``file: 123``, ``sha256: null``, nesting 5,000 deep, ...)
+is one :class:`BundleError`, never a traceback. Bundles may be signed (Ed25519 over the bytes
+of ``manifest.json``, ``manifest.sig``): :func:`read_manifest` verifies the signature when
+given a public key, before it parses anything. ONNX files with external data are refused
+(:func:`check_onnx_bytes`). Both live in :mod:`edgehmoe.edge.integrity`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 from edgehmoe.core.hierarchy import Hierarchy, HierarchyError
+from edgehmoe.edge.integrity import IntegrityError, check_onnx_self_contained, verify_manifest_signature
 from edgehmoe.errors import EdgeHmoeError
 
 __all__ = [
@@ -31,6 +41,7 @@ __all__ = [
     "BundleError",
     "bundle_entries",
     "check_file",
+    "check_onnx_bytes",
     "file_sha256",
     "read_manifest",
     "verify_bundle",
@@ -39,6 +50,10 @@ __all__ = [
 BUNDLE_FORMAT = "edgehmoe-onnx-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: A larger manifest.json is refused before it is read (today's are a few hundred kB at most).
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NODE_KEY = re.compile(r"-?[0-9]{1,9}")
 
 
 class BundleError(EdgeHmoeError, ValueError):
@@ -58,8 +73,71 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 # ---------------------------------------------------------------------- manifest
-def read_manifest(bundle_dir: str | Path) -> dict:
-    """Read and validate ``manifest.json`` (structure only; see :func:`verify_bundle` for files)."""
+def _check_types(m: dict, mpath: Path) -> None:
+    """Raise :class:`BundleError` unless every field read later has the type it must have."""
+
+    def bad(what: str) -> BundleError:
+        return BundleError(f"{mpath}: {what}; re-export the bundle")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def numbers(v: object) -> bool:
+        return (isinstance(v, list) and len(v) >= 1 and all(
+            (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)) for x in v))
+
+    def network(key: str, entry: object, outputs: bool = True) -> None:
+        if not isinstance(entry, dict):
+            raise bad(f"entry {key!r} must be an object")
+        if not isinstance(entry.get("file"), str) or not entry["file"] or "\x00" in entry["file"]:
+            raise bad(f"entry {key!r}: 'file' must be a relative path (a string), got {entry.get('file')!r}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"entry {key!r}: 'sha256' must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
+        if outputs:
+            if "num_outputs" in entry and not (is_int(entry["num_outputs"]) and 1 <= entry["num_outputs"] <= 10**6):
+                raise bad(f"entry {key!r}: 'num_outputs' must be a positive integer")
+            out = entry.get("outputs")
+            if out is not None and not (isinstance(out, list) and all(is_int(o) and o >= 0 for o in out)):
+                raise bad(f"entry {key!r}: 'outputs' must be a list of column indices")
+
+    if not isinstance(m["hierarchy"], dict):
+        raise bad("'hierarchy' must be an object")
+    if not isinstance(m["class_names"], list) or not all(isinstance(c, str) for c in m["class_names"]):
+        raise bad("'class_names' must be a list of strings")
+    if not isinstance(m["class_ids"], list) or not all(is_int(c) for c in m["class_ids"]):
+        raise bad("'class_ids' must be a list of integers")
+    if not isinstance(m["experts"], dict):
+        raise bad("'experts' must map node ids to files")
+    for key, entry in m["experts"].items():
+        if not _NODE_KEY.fullmatch(key):
+            raise bad(f"expert key {key!r} is not a node index")
+        network(f"expert {key}", entry)
+    if m.get("flat") is not None:
+        network("flat", m["flat"])
+    fused = m.get("fused")
+    if isinstance(fused, dict) and isinstance(fused.get("graphs"), dict):
+        for kind, entry in fused["graphs"].items():
+            network(f"fused {kind} graph", entry, outputs=False)
+    inp = m["input"]
+    shape = inp.get("image_shape") if isinstance(inp, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(v) and 1 <= v <= 65536 for v in shape)):
+        raise bad("'input' must give image_shape [H, W, C] (three positive integers)")
+    if not isinstance(inp.get("name", "input"), str):
+        raise bad("'input.name' must be a string")
+    pp = m["preprocess"]
+    if not isinstance(pp, dict) or not numbers(pp.get("mean")) or not numbers(pp.get("std")):
+        raise bad("'preprocess' must give mean and std as lists of numbers")
+    if any(v <= 0 for v in pp["std"]):
+        raise bad("'preprocess.std' values must be > 0")
+
+
+def read_manifest(bundle_dir: str | Path, *, verify_key: str | Path | None = None) -> dict:
+    """Read and validate ``manifest.json`` (structure only; see :func:`verify_bundle` for files).
+
+    :param verify_key: a public key (PEM, ``edgehmoe bundle keygen``); when given, the bundle's
+        ``manifest.sig`` must be a valid signature of the manifest's bytes by it, checked before
+        those bytes are parsed.
+    """
     bundle_dir = Path(bundle_dir)
     mpath = bundle_dir / MANIFEST
     if not bundle_dir.is_dir():
@@ -69,10 +147,20 @@ def read_manifest(bundle_dir: str | Path) -> dict:
             f"{bundle_dir} is not an edgehmoe ONNX bundle ({MANIFEST} missing); create one with "
             "`edgehmoe export --model-dir DIR --out BUNDLE`"
         )
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest edgehmoe wrote")
+    data = mpath.read_bytes()
+    if verify_key is not None:
+        try:
+            verify_manifest_signature(bundle_dir, data, verify_key)
+        except IntegrityError as e:
+            raise BundleError(str(e)) from None
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
+    except RecursionError:
+        raise BundleError(f"{mpath} nests JSON too deeply to be a manifest; re-export the bundle") from None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         fmt = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise BundleError(f"{mpath} is not an edgehmoe bundle manifest (format={fmt!r})")
@@ -84,10 +172,11 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     for key in ("hierarchy", "class_names", "class_ids", "input", "preprocess", "experts"):
         if key not in m:
             raise BundleError(f"{mpath} lacks the key {key!r}; re-export the bundle")
+    _check_types(m, mpath)
     try:
         tree = Hierarchy.from_dict(m["hierarchy"])
-    except HierarchyError as e:
-        raise BundleError(f"{mpath}: invalid tree: {e}") from None
+    except (HierarchyError, TypeError, ValueError, KeyError, OverflowError) as e:
+        raise BundleError(f"{mpath}: invalid tree: {e}; re-export the bundle") from None
     if len(m["class_names"]) != tree.num_classes or len(m["class_ids"]) != tree.num_classes:
         raise BundleError(
             f"{mpath}: {len(m['class_names'])} class names and {len(m['class_ids'])} class ids "
@@ -151,10 +240,24 @@ def check_file(bundle_dir: Path, entry: dict, what: str, data: bytes | None = No
         )
 
 
-def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None) -> dict:
-    """Check that every file of the bundle exists and matches its sha256; returns the manifest."""
+def verify_bundle(bundle_dir: str | Path, manifest: dict | None = None, *,
+                  verify_key: str | Path | None = None) -> dict:
+    """Check that every file of the bundle exists, matches its sha256 and is a self-contained
+    ONNX file (:func:`check_onnx_bytes`); returns the manifest (read with ``verify_key``)."""
     bundle_dir = Path(bundle_dir)
-    m = manifest if manifest is not None else read_manifest(bundle_dir)
+    m = manifest if manifest is not None else read_manifest(bundle_dir, verify_key=verify_key)
     for what, entry in bundle_entries(m):
         check_file(bundle_dir, entry, what)
+        if str(entry["file"]).endswith(".onnx"):
+            check_onnx_bytes((bundle_dir / entry["file"]).read_bytes(), f"{bundle_dir / entry['file']} ({what})")
     return m
+
+
+def check_onnx_bytes(data: bytes, what: str) -> None:
+    """Raise :class:`BundleError` if the ONNX model ``data`` keeps tensor data in external files
+    (ONNX Runtime would read them relative to the working directory; see
+    :func:`edgehmoe.edge.integrity.check_onnx_self_contained`)."""
+    try:
+        check_onnx_self_contained(data, what)
+    except IntegrityError as e:
+        raise BundleError(str(e)) from None

@@ -31,9 +31,11 @@ from edgehmoe.edge.manifest import (
     BundleError,
     bundle_entries,
     check_file,
+    check_onnx_bytes,
     read_manifest,
     verify_bundle,
 )
+from edgehmoe.edge.integrity import bundle_verify_key
 from edgehmoe.errors import MissingDependency, UsageError
 
 try:  # an optional dependency: fail at use with an install hint, not at import
@@ -135,9 +137,12 @@ class _BundleBase:
     def __init__(self, bundle_dir: str | Path, *, threads: int = 1, verify: bool = True, session_options=None):
         _require_ort()
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = read_manifest(self.bundle_dir)
-        self.verify = verify
-        if verify:
+        # $EDGEHMOE_BUNDLE_PUBKEY (set by --verify-key): the manifest must carry a valid signature
+        # by that key, and then every file is hashed (the signature vouches for them only so).
+        key = bundle_verify_key()
+        self.manifest = read_manifest(self.bundle_dir, verify_key=key)
+        self.verify = verify or key is not None
+        if self.verify:
             verify_bundle(self.bundle_dir, self.manifest)
         else:
             for what, entry in bundle_entries(self.manifest):
@@ -189,6 +194,7 @@ class _BundleBase:
             raise BundleError(f"{path} is missing ({what}); the bundle is incomplete: re-export or re-copy it") from None
         if self.verify:  # hash exactly the bytes ONNX Runtime gets, not an earlier read
             check_file(self.bundle_dir, entry, what, data)
+        check_onnx_bytes(data, f"{path} ({what})")  # external data would be read relative to the cwd
         try:
             sess = _ort.InferenceSession(data, self._session_options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for invalid models
