@@ -27,6 +27,13 @@ def test_defaults_round_trip_through_toml(tmp_path):
         ({"schedule": {"mode": "serial"}}, r"schedule.mode must be 'paper' or 'parallel'"),
         ({"train": {"lr": -1.0}}, r"train.lr must be a positive number"),
         ({"run": {"name": "a/b"}}, r"run.name 'a/b'"),
+        ({"schedule": {"aggregation": "mean"}}, r"schedule.aggregation must be one of fedavg, median, trimmed_mean"),
+        ({"schedule": {"trim_fraction": 0.5}}, r"schedule.trim_fraction must be in \[0, 0.5\)"),
+        ({"schedule": {"max_update_norm": -1.0}}, r"schedule.max_update_norm must be >= 0"),
+        ({"schedule": {"update_norm_action": "warn"}}, r"schedule.update_norm_action must be 'reject' or 'clip'"),
+        ({"schedule": {"max_missed_rounds": -1}}, r"schedule.max_missed_rounds must be >= 0"),
+        ({"schedule": {"max_class_count": 0}}, r"schedule.max_class_count must be in 1 .. 2\*\*40"),
+        ({"schedule": {"clip_factor": -2}}, r"schedule.clip_factor must be >= 0"),
     ],
 )
 def test_bad_config_names_the_key(d, message):
@@ -46,3 +53,13 @@ def test_malformed_toml_is_reported(tmp_path):
 def test_int_accepted_for_float_key():
     cfg = config_from_dict({"train": {"lr": 1}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_example_config_loads_with_the_security_knobs():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "server" / "run.example.toml")
+    s = cfg.schedule
+    assert (s.aggregation, s.trim_fraction, s.clip_factor, s.max_update_norm, s.update_norm_action,
+            s.max_missed_rounds, s.max_class_count) == ("fedavg", 0.2, 0.0, 10.0, "reject", 3, 10_000_000)
+    assert (RunConfig().schedule.max_update_norm, RunConfig().schedule.max_missed_rounds) == (10.0, 3)

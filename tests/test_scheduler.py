@@ -79,3 +79,15 @@ def test_sqrt_weighting_visits_root_less_often():
     assert counts[1] == pytest.approx(2149 * 4.4721 / total, abs=2)
     with pytest.raises(ValueError, match="weighting"):
         Scheduler(tree9(), "hmoe", "paper", "log")
+
+
+def test_counts_that_overflow_int64_do_not_wrap_around():
+    # issue #10 row 6: 5 classes x 2**62 overflows int64 (the old sum wrapped to a negative
+    # number, logged as "0 samples"); the registry refuses such hellos, and the scheduler's own
+    # sums are Python ints / float64 anyway
+    huge = np.full(5, 2**62, dtype=np.int64)
+    s = Scheduler(tree9(), "hmoe", "paper", "data")
+    assert s.samples_under(0, huge) == 5 * 2**62 and s.samples_under(1, huge) == 2 * 2**62
+    w = s.weights([DeviceView("d", huge, 0)])
+    assert w[0] == pytest.approx(5 * 2.0**62) and w[2] == pytest.approx(3 * 2.0**62)
+    assert set(s.plan([DeviceView("d", huge, 0)]).values()) == {0}  # the largest weight goes first
