@@ -353,9 +353,10 @@ onnxruntime!=1.21.*
 #   fixed for 2.7.0 by #148070.
 # torch 2.10.*: SIGILL at import, LSE atomics in the mimalloc inside libc10.so (#174344, #176993);
 #   fixed in 2.11.0 by #174401.
-# torch >= 2.11: PyPI's aarch64 wheels are CUDA builds that pull in CUDA 13 (nvidia-cublas alone is
-#   543 MB, plus cuDNN, cuda-bindings, ...): gigabytes a Pi cannot use. 2.9.1 is PyPI's last CPU-only
-#   aarch64 build we checked (tools/pi_userland.sh). Drop the ceiling once a CPU build is on PyPI again.
+# torch >= 2.10: PyPI's aarch64 wheels of 2.11.0 and 2.14.1 (2.12, 2.13 not checked) are CUDA builds
+#   that pull in CUDA 13 (nvidia-cublas alone is 543 MB, plus cuDNN, cuda-bindings, ...): gigabytes a
+#   Pi cannot use. 2.9.1 is a CPU build (tools/pi_userland.sh). Drop the ceiling once PyPI has a CPU
+#   aarch64 build of a newer release again.
 torch!=2.1.0,!=2.4.0,!=2.6.*,!=2.10.*,<2.10
 EOF
 put_file "$constraints" "$ETC/constraints.txt" 0644 root root
