@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgehmoe.cli.main import main
@@ -170,4 +171,81 @@ def test_bundle_commands_check_the_model_before_loading_data(tmp_path, data_load
     code = bundle_main(["extend", "--model-dir", missing, "--hierarchy", str(tree), "--dataset", TINY,
                         "--out", str(tmp_path / "new")])
     assert code == 2 and "not an edgehmoe model directory" in capsys.readouterr().err
+    assert data_loads == []
+
+
+# ---------------------------------------------------------------------- fit: issue #11 levers
+def _fit_json(capsys, *args, quiet=True, batch_size=16):
+    code, out, err = run_cli([*(["-q"] if quiet else []), "fit", "--dataset", TINY, "--batch-size", str(batch_size),
+                              "--threads", "1", *args], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsys, caplog):
+    from edgehmoe.data import load_dataset
+    from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
+    from edgehmoe.model.cost import equal_compute_epochs, train_macs
+
+    # Prepare: what the cost model says for this data and tree
+    train = load_dataset(TINY, "train")
+    specs = expert_specs(train.hierarchy, 16, head="leaves")
+    flat = flat_spec(train.hierarchy, 16).to_dict()
+    per_node = {n: (s.to_dict(), int((expert_label_map(train.hierarchy, n, s)[train.y] >= 0).sum())) for n, s in specs.items()}
+    expected = equal_compute_epochs(flat, len(train), 3, per_node)
+    caplog.set_level("INFO", logger="edgehmoe")
+    # Execute
+    r = _fit_json(capsys, "--model", "both", "--epochs", "3", "--equal-compute", "--expert-head", "leaves",
+                  "--out", str(tmp_path / "m"), quiet=False, batch_size=9)
+    # Assert: epochs from the cost model, MACs reported for both and equal up to the last batch
+    # (batches of 9 divide the 162 images and each superclass's 81)
+    assert r["hmoe"]["epochs"] == pytest.approx(expected, abs=1e-3) and expected > 3
+    assert r["flat"]["train_gmacs"] == round(train_macs(flat, len(train) * 3) / 1e9, 2)
+    assert r["hmoe"]["train_gmacs"] == pytest.approx(r["flat"]["train_gmacs"], rel=0.03)
+    assert r["hmoe"]["expert_head"] == "leaves"
+    # per-epoch validation, the last point equal to the final evaluation
+    assert [p["epoch"] for p in r["flat"]["history"]] == [1, 2, 3]
+    assert r["flat"]["history"][-1]["val_info_f1"] == r["flat"]["val_info_f1"]
+    assert len(r["hmoe"]["history"]) == int(np.ceil(expected))
+    assert r["hmoe"]["history"][-1]["val_info_f1"] == r["hmoe"]["val_info_f1"]
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert any(m.startswith("flat epoch 3/3: loss") and "val info-F1" in m and "left" in m for m in lines)
+    assert any(m.startswith(f"hmoe epoch 1/{int(np.ceil(expected))}") for m in lines)
+    # the root's leaf head is in the model directory
+    model = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert model["models"]["hmoe"]["experts"]["0"]["arch"]["leaf_groups"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_fit_leaf_head_distilled_calibrated_bundle_predicts_as_torch(fitted, tmp_path, capsys):
+    # Prepare: every lever at once, the teacher taken from another model directory
+    out = tmp_path / "m"
+    r = _fit_json(capsys, "--model", "hmoe", "--epochs", "3", "--expert-head", "leaves", "--distill-weight", "0.5",
+                  "--teacher", str(fitted), "--calibrate-fraction", "0.2", "--out", str(out))
+    assert r["teacher"]["source"] == str(fitted)
+    assert r["hmoe"]["train_examples"] == 132  # 162 minus 30 (20 % of each class) for calibration
+    assert set(r["hmoe"]["temperatures"]) == {"root", "super0", "super1"}
+    assert all(t > 0 and t != 1.0 for t in r["hmoe"]["temperatures"].values())
+    # Execute: export and evaluate both ways
+    assert main(["-q", "export", "--model-dir", str(out), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    for beam in ("1", "2"):
+        args = ["--dataset", TINY, "--split", "test", "--json", "--beam", beam]
+        _, torch_out, _ = run_cli(["-q", "evaluate", "--model-dir", str(out), *args], capsys)
+        _, ort_out, _ = run_cli(["-q", "evaluate", "--bundle", str(tmp_path / "b"), *args], capsys)
+        # Assert: the ONNX chain (torch-free) predicts exactly what torch predicts
+        ort = json.loads(ort_out)
+        assert ort.pop("bundle") == str(tmp_path / "b") and ort == json.loads(torch_out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "hmoe", "--distill-weight", "0.5"], "needs a teacher"),
+    (["--model", "hmoe", "--equal-compute", "--hmoe-epochs", "3"], "not both"),
+    (["--model", "flat", "--calibrate-fraction", "0.1"], "use --model hmoe or both"),
+    (["--model", "hmoe", "--teacher", "/x"], "--distill-weight > 0"),
+    (["--model", "hmoe", "--distill-weight", "2"], "[0, 1]"),
+    (["--model", "hmoe", "--distill-weight", "0.5", "--teacher", "/nonexistent"], "not an edgehmoe model directory"),
+])
+def test_fit_rejects_bad_lever_combinations_before_loading_data(args, message, tmp_path, data_loads, capsys):
+    code, _, err = run_cli(["-q", "fit", "--dataset", TINY, "--out", str(tmp_path / "m"), *args], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
     assert data_loads == []

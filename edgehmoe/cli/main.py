@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgehmoe.cli.common import (
@@ -90,44 +91,137 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _gmacs(macs: float) -> float:
+    return round(float(macs) / 1e9, 2)
+
+
+def _fit_teacher(args, fitted_flat, md):
+    """``(torch flat model, mean, std, source)`` of the distillation teacher."""
+    from edgehmoe.model.inference import load_models
+
+    if args.teacher:
+        _, fm, tmd = load_models(args.teacher)
+        if fm is None:
+            raise UsageError(f"--teacher {args.teacher} holds no flat model; train one with `edgehmoe fit --model flat`")
+        _check_same_classes(tmd.hierarchy.class_names(), md.hierarchy.class_names())
+        return fm.model, tmd.mean, tmd.std, str(args.teacher)
+    if fitted_flat:
+        _, fm, _ = load_models(md.path)
+        return fm.model, md.mean, md.std, "flat model of this run"
+    raise UsageError("--distill-weight needs a teacher: use --model both (the flat model is trained first) "
+                     "or --teacher DIR (a model directory with a flat model)")
+
+
 def cmd_fit(args) -> int:
     import torch
 
-    from edgehmoe.data import channel_stats
-    from edgehmoe.model.arch import expert_specs
-    from edgehmoe.model.central import fit_flat, fit_hmoe, new_model_dir
+    from edgehmoe.data import channel_stats, train_val_split
+    from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
+    from edgehmoe.model.central import fit_flat, fit_hmoe, new_model_dir, teacher_probs
+    from edgehmoe.model.cost import cnn3_macs, equal_compute_epochs, train_macs
     from edgehmoe.model.inference import evaluate_models, load_models
     from edgehmoe.model.training import TrainConfig
 
+    if args.equal_compute and args.hmoe_epochs is not None:
+        raise UsageError("give --equal-compute or --hmoe-epochs, not both")
+    if not 0.0 <= args.calibrate_fraction < 1.0:
+        raise UsageError(f"--calibrate-fraction must be in [0, 1), got {args.calibrate_fraction}")
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise UsageError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if args.distill_temperature <= 0:
+        raise UsageError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if args.teacher and args.distill_weight <= 0:
+        raise UsageError("--teacher is only used for distillation; also give --distill-weight > 0")
+    if args.model == "flat" and (args.distill_weight > 0 or args.calibrate_fraction > 0 or args.equal_compute):
+        raise UsageError("--distill-weight, --calibrate-fraction and --equal-compute apply to the hierarchical "
+                         "model; use --model hmoe or both")
+    if args.val_every < 1:
+        raise UsageError(f"--val-every must be >= 1, got {args.val_every}")
+    if args.distill_weight > 0:  # find the teacher before any data is loaded or model trained
+        if args.teacher:
+            from edgehmoe.core.checkpoint import read_model_dir
+
+            if read_model_dir(args.teacher).flat is None:
+                raise UsageError(f"--teacher {args.teacher} holds no flat model; train one with "
+                                 "`edgehmoe fit --model flat`")
+        elif args.model != "both":
+            _fit_teacher(args, False, None)  # raises: no teacher
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     _prepare_out(out, args.force)
     train = load_data(args, "train")
+    val = load_data(args, "val") if args.val_fraction > 0 else None
+    val_xy = (val.x, val.y) if val is not None else None
     mean, std = channel_stats(train.x)
-    md = new_model_dir(out, train.hierarchy, train.image_size, mean, std, args.dataset,
+    tree = train.hierarchy
+    md = new_model_dir(out, tree, train.image_size, mean, std, args.dataset,
                        extra={"fit": {k: v for k, v in vars(args).items() if k != "func"}})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="onecycle",
-                      weight_decay=args.weight_decay, seed=args.seed)
+                      weight_decay=args.weight_decay, seed=args.seed, channels_last=True)
     t0 = time.time()
     report: dict = {"dataset": args.dataset, "train_examples": len(train)}
+    if val is not None:
+        report["val_examples"] = len(val)
     progress = sys.stderr.isatty()
-    if args.model in ("hmoe", "both"):
-        specs = expert_specs(train.hierarchy, train.image_size, flat_width=args.flat_width,
-                             fixed_width=args.expert_width, root_width=args.root_width)
-        stats = fit_hmoe(md, train.x, train.y, cfg, specs, progress=progress)
-        report["hmoe"] = {"experts": len(stats), "params_total": sum(s["params"] for s in stats.values()),
-                          "params_max": max(s["params"] for s in stats.values())}
+    flat_arch = flat_spec(tree, train.image_size, args.flat_width).to_dict()
+    # The flat model first: it is the distillation teacher when --model both.
     if args.model in ("flat", "both"):
-        report["flat"] = fit_flat(md, train.x, train.y, cfg, width=args.flat_width, progress=progress)
+        hist: list = []
+        report["flat"] = fit_flat(md, train.x, train.y, cfg, width=args.flat_width, progress=progress,
+                                  val=val_xy, val_every=args.val_every, history=hist)
+        report["flat"]["epochs"] = args.epochs
+        report["flat"]["train_gmacs"] = _gmacs(report["flat"].pop("train_macs"))
+        if hist:
+            report["flat"]["history"] = hist
+    if args.model in ("hmoe", "both"):
+        specs = expert_specs(tree, train.image_size, flat_width=args.flat_width, fixed_width=args.expert_width,
+                             root_width=args.root_width, head=args.expert_head)
+        hx, hy, cal = train.x, train.y, None
+        if args.calibrate_fraction > 0:
+            keep, held = train_val_split(train.y, args.calibrate_fraction, args.seed + 1)
+            hx, hy, cal = train.x[keep], train.y[keep], (train.x[held], train.y[held])
+        epochs = args.hmoe_epochs if args.hmoe_epochs is not None else args.epochs
+        if args.equal_compute:
+            per_node = {n: (s.to_dict(), int((expert_label_map(tree, n, s)[hy] >= 0).sum())) for n, s in specs.items()}
+            epochs = equal_compute_epochs(flat_arch, len(train), args.epochs, per_node)
+            logger.info("equal compute: %d flat epochs on %d images = %.2f epochs of every expert",
+                        args.epochs, len(train), epochs)
+        teacher = None
+        if args.distill_weight > 0:
+            tmodel, tmean, tstd, source = _fit_teacher(args, args.model == "both", md)
+            teacher = teacher_probs(tmodel, hx, tmean, tstd, args.distill_temperature)
+            report["teacher"] = {"source": source, "inference_gmacs": _gmacs(cnn3_macs(flat_arch) * len(hx))}
+        hist = []
+        stats = fit_hmoe(md, hx, hy, replace(cfg, epochs=epochs), specs, progress=progress, teacher=teacher,
+                         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+                         calibration=cal, val=val_xy, val_every=args.val_every, history=hist)
+        report["hmoe"] = {
+            "experts": len(stats), "params_total": sum(s["params"] for s in stats.values()),
+            "params_max": max(s["params"] for s in stats.values()),
+            "epochs": round(float(epochs), 3), "train_examples": int(len(hx)),
+            "train_gmacs": _gmacs(sum(s["train_macs"] for s in stats.values())),
+            "expert_head": args.expert_head, "distill_weight": args.distill_weight,
+            "calibrate_fraction": args.calibrate_fraction,
+        }
+        if cal is not None:
+            report["hmoe"]["temperatures"] = {tree.names[n]: round(s["temperature"], 3) for n, s in stats.items()}
+        if hist:
+            report["hmoe"]["history"] = hist
+    if args.model == "hmoe" or args.equal_compute:
+        # what the flat model costs (or would cost) at --epochs, for comparison
+        report.setdefault("flat", {}).setdefault(
+            "train_gmacs", _gmacs(train_macs(flat_arch, len(train) * args.epochs)))
     report["train_seconds"] = round(time.time() - t0, 1)
-    if args.val_fraction > 0:
-        val = load_data(args, "val")
+    if val is not None:
         hm, fm, _ = load_models(out)
         for kind, ok in (("hmoe", hm is not None), ("flat", fm is not None)):
             if ok:
                 m = evaluate_models(hm, fm, val.x, val.y, which=kind)
                 report.setdefault(kind, {})["val_info_f1"] = round(m["info_f1"], 4)
                 report[kind]["val_top1"] = round(m["top1"], 4)
+                if kind == "hmoe":
+                    b = evaluate_models(hm, fm, val.x, val.y, which=kind, beam=2)
+                    report[kind]["val_info_f1_beam2"] = round(b["info_f1"], 4)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -232,6 +326,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--out", required=True)
     f.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    g = f.add_argument_group("hierarchical model (see docs/accuracy.md for what each option measured)")
+    g.add_argument("--expert-head", choices=["children", "leaves"], default="children",
+                   help="train each expert on its children, or on the leaves below it with the network "
+                        "summing leaf probabilities into children (same bundle format) (default children)")
+    g.add_argument("--equal-compute", action="store_true",
+                   help="give the hierarchical model the training MACs of --epochs flat epochs "
+                        "(its epochs are computed from the cost model)")
+    g.add_argument("--hmoe-epochs", type=float, default=None,
+                   help="epochs of every expert (default: --epochs)")
+    g.add_argument("--distill-weight", type=float, default=0.0,
+                   help="weight of distillation from a flat teacher in [0, 1] (default 0: off)")
+    g.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    g.add_argument("--teacher", metavar="DIR",
+                   help="model directory whose flat model is the teacher (default with --model both: "
+                        "the flat model trained first)")
+    g.add_argument("--calibrate-fraction", type=float, default=0.0,
+                   help="hold out this share of each class of the training data from the experts and fit "
+                        "each expert's temperature on it (folded into its weights) (default 0: off)")
+    f.add_argument("--val-every", type=int, default=1,
+                   help="with --val-fraction > 0, log validation info-F1 every N epochs (default 1)")
     f.set_defaults(func=cmd_fit)
 
     e = sub.add_parser("evaluate", help="information P/R/F1, per-level accuracy, mistake severity")

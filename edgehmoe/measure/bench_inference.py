@@ -11,7 +11,7 @@ per batch size. Reported per model and batch size:
 - ``cpu_p50_ms``: process CPU time per image (less sensitive to a busy machine);
 - ``experts_per_call``: mean number of expert runs per call (chain only);
 - ``mmacs_per_image``: millions of multiply-accumulates per image, from the cost model
-  :func:`cnn3_macs` of every expert actually run;
+  :func:`edgehmoe.model.cost.cnn3_macs` of every expert actually run;
 
 and per model: ``rss_mb`` (absolute RSS after the runs), ``rss_delta_mb`` (minus the
 baseline: what the model itself holds), ``peak_rss_mb`` (kernel high-water mark) and
@@ -47,6 +47,7 @@ from edgehmoe.errors import RunError
 from edgehmoe.measure.limits import run_child
 from edgehmoe.measure.meter import peak_rss_mb, release_free_memory, reset_peak, rss_mb
 from edgehmoe.measure.worker import worker_command, worker_env
+from edgehmoe.model.cost import cnn3_macs  # the cost model lives with the networks; re-exported here
 
 __all__ = ["SWEEP", "BenchError", "cnn3_macs", "inference_job", "chain_over_flat", "make_cifar_bundle", "run_worker", "table"]
 
@@ -67,19 +68,6 @@ SWEEP = {
 
 class BenchError(RunError):
     """A benchmark that cannot complete (a worker failed, inputs do not fit the bundle)."""
-
-
-# ---------------------------------------------------------------------- cost model
-def cnn3_macs(arch: dict) -> int:
-    """Multiply-accumulates per image of the ``cnn3`` family (conv w, 2w, 4w; pools; linear).
-
-    Counts the three 3x3 convolutions (padding 1) at sides s, s/2 and s/4 and the final
-    linear layer; BatchNorm (folded into the convolutions on export), ReLU and pooling are
-    not multiply-accumulates. Takes the ``arch`` dict of a manifest (``ArchSpec.to_dict()``)
-    and imports no torch, so the bench worker stays torch-free.
-    """
-    s, w, c, k = int(arch["input_size"]), int(arch["width"]), int(arch.get("in_channels", 3)), int(arch["num_outputs"])
-    return s * s * 9 * c * w + (s // 2) ** 2 * 9 * w * 2 * w + (s // 4) ** 2 * 9 * 2 * w * 4 * w + 4 * w * k
 
 
 def _mb(v: float | None) -> float:

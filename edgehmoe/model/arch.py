@@ -9,6 +9,16 @@ children, ``w = flat_width * sqrt(k / L)`` (rounded to a multiple of 4, clipped 
 ``[min_width, flat_width]``). Compute per sample grows with ``w**2``, so a ``k``-way expert
 costs about ``k / L`` of the flat model per sample: on CIFAR-100 the root (20-way) gets
 w=16 and each 5-way superclass expert w=8 when the flat model has w=32.
+
+A **leaf-head** expert (``ArchSpec.leaf_groups``, ``expert_specs(head="leaves")``) is trained
+on the leaves below its node instead of on its children (Valmadre 2022, Chen et al. 2019:
+a coarse classifier trained on fine labels and summed to the coarse classes is the better
+coarse classifier). Its last linear layer has one logit per leaf below the node, and the
+network ends with the leaf → child grouping ``child logit = logsumexp(logits of its
+leaves)``, so its softmax over children equals the summed leaf probabilities and its
+output is still one logit per child: routing, ONNX export and bundles are unchanged.
+:meth:`TinyCNN.head_logits` gives the leaf logits that training targets index;
+:func:`expert_label_map` gives the matching targets (class id → leaf index below the node).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,14 +35,20 @@ from edgehmoe.errors import EdgeHmoeError
 
 __all__ = [
     "ArchSpec",
+    "HEADS",
     "TinyCNN",
     "build_model",
     "count_params",
+    "expert_label_map",
     "expert_width",
     "expert_specs",
     "flat_spec",
     "estimate_train_memory_mb",
+    "leaf_groups",
+    "scale_logits",
 ]
+
+HEADS = ("children", "leaves")  # what an expert is trained on (see the module docstring)
 
 
 class ModelError(EdgeHmoeError, ValueError):
@@ -47,6 +64,9 @@ class ArchSpec:
     input_size: int = 32  # square input side in pixels
     in_channels: int = 3
     kind: str = "cnn3"  # architecture family; only "cnn3" exists today
+    # Leaf head: child index (0..num_outputs-1) of each leaf below the node, in leaf order;
+    # None for a network whose last layer has one logit per output (the default).
+    leaf_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind != "cnn3":
@@ -55,6 +75,14 @@ class ArchSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ModelError(f"ArchSpec.{name} must be a positive integer, got {v!r}")
+        if self.leaf_groups is not None:
+            g = tuple(int(v) for v in self.leaf_groups)
+            object.__setattr__(self, "leaf_groups", g)
+            if sorted(set(g)) != list(range(self.num_outputs)):
+                raise ModelError(
+                    f"leaf_groups must name every output 0..{self.num_outputs - 1} at least once "
+                    f"(one child index per leaf), got {list(g)[:12]}"
+                )
         if self.num_outputs < 2:
             raise ModelError(f"a classifier needs at least 2 outputs, got {self.num_outputs}")
         if self.input_size < 4:
@@ -62,12 +90,22 @@ class ArchSpec:
         if self.width > 1024:
             raise ModelError(f"width {self.width} is implausibly large (max 1024)")
 
+    @property
+    def num_head_outputs(self) -> int:
+        """Logits of the last linear layer: leaves below the node (leaf head) or outputs."""
+        return len(self.leaf_groups) if self.leaf_groups else self.num_outputs
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.leaf_groups is None:
+            del d["leaf_groups"]  # the dict of a plain network is exactly what it always was
+        else:
+            d["leaf_groups"] = list(self.leaf_groups)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArchSpec":
-        known = {"width", "num_outputs", "input_size", "in_channels", "kind"}
+        known = {"width", "num_outputs", "input_size", "in_channels", "kind", "leaf_groups"}
         unknown = set(d) - known
         if unknown:
             raise ModelError(f"unknown architecture keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -94,10 +132,30 @@ class TinyCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.classifier = nn.Linear(4 * w, spec.num_outputs)
+        self.classifier = nn.Linear(4 * w, spec.num_head_outputs)
+        if spec.leaf_groups:
+            # (leaves, children) 0/1 matrix; not persistent, so weights files keep their keys
+            g = torch.zeros(len(spec.leaf_groups), spec.num_outputs)
+            g[torch.arange(len(spec.leaf_groups)), torch.tensor(spec.leaf_groups)] = 1.0
+            self.register_buffer("leaf_to_child", g, persistent=False)
+        else:
+            self.leaf_to_child = None
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the last linear layer (over leaves for a leaf head): what training targets index."""
+        return self.classifier(self.features(x))
+
+    def group(self, head: torch.Tensor) -> torch.Tensor:
+        """Child logits from head logits: ``log Σ exp`` over each child's leaves (identity
+        without a leaf head). Written with ReduceMax/Exp/MatMul/Log so it exports to plain
+        ONNX; the clamp keeps a child whose leaves all underflow finite (log 1e-30 ≈ -69)."""
+        if self.leaf_to_child is None:
+            return head
+        m = head.amax(dim=1, keepdim=True)
+        return torch.log(torch.clamp_min(torch.exp(head - m) @ self.leaf_to_child, 1e-30)) + m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.group(self.head_logits(x))
 
 
 def build_model(spec: ArchSpec | dict) -> nn.Module:
@@ -125,19 +183,72 @@ def expert_specs(
     min_width: int = 4,
     fixed_width: int | None = None,
     root_width: int | None = None,
+    head: str = "children",
 ) -> dict[int, ArchSpec]:
     """Architecture of every expert (internal node) of ``tree``.
 
     ``fixed_width`` gives every expert the same width; ``root_width`` overrides the root's.
+    ``head="leaves"`` gives every expert with an internal child a leaf head
+    (:func:`leaf_groups`); an expert whose children are all leaves is the same either way and
+    keeps the plain head.
     """
+    if head not in HEADS:
+        raise ModelError(f"unknown expert head {head!r}; valid: {', '.join(HEADS)}")
     specs = {}
     for node in tree.internal_nodes:
         k = int(tree.num_children[node])
         w = fixed_width or expert_width(k, tree.num_leaves, flat_width, min_width)
         if node == 0 and root_width:
             w = root_width
-        specs[int(node)] = ArchSpec(width=int(w), num_outputs=k, input_size=input_size)
+        groups = None
+        if head == "leaves" and int(tree.leaves_under[node]) > k:
+            groups = tuple(int(g) for g in leaf_groups(tree, int(node)))
+        specs[int(node)] = ArchSpec(width=int(w), num_outputs=k, input_size=input_size, leaf_groups=groups)
     return specs
+
+
+def _leaves_below(tree: Hierarchy, node: int) -> np.ndarray:
+    """Leaf nodes below ``node`` in node order: the leaf order of a leaf head."""
+    leaves = np.flatnonzero(tree.is_leaf)
+    return leaves[tree.is_ancestor_or_self(np.full(len(leaves), node), leaves)]
+
+
+def leaf_groups(tree: Hierarchy, node: int) -> np.ndarray:
+    """Child index of ``node`` above each leaf below it (leaves in node order)."""
+    leaves = _leaves_below(tree, node)
+    return tree.child_index[tree.ancestor_matrix[leaves, tree.depths[node] + 1]]
+
+
+def expert_label_map(tree: Hierarchy, node: int, spec: ArchSpec | dict) -> np.ndarray:
+    """Training targets of ``node``'s expert for every dataset class (``-1``: not below the node).
+
+    The child index (``tree.label_map(node)``) for a plain expert; the index of the class's
+    leaf among the leaves below the node for a leaf head, after checking that the head's
+    ``leaf_groups`` fit this tree. This is the ``label_map`` a train task carries.
+    """
+    if isinstance(spec, dict):
+        spec = ArchSpec.from_dict(spec)
+    if not spec.leaf_groups:
+        return tree.label_map(node)
+    groups = leaf_groups(tree, node)
+    if tuple(int(g) for g in groups) != spec.leaf_groups:
+        raise ModelError(
+            f"the leaf head of expert {node} ({tree.names[node]!r}) groups {len(spec.leaf_groups)} leaves "
+            f"but the tree has {len(groups)} leaves below it grouped differently; rebuild the spec "
+            "with expert_specs(tree, head='leaves') for this tree"
+        )
+    out = np.full(tree.num_classes, -1, dtype=np.int64)
+    out[tree.leaf_class[_leaves_below(tree, node)]] = np.arange(len(groups))
+    return out
+
+
+@torch.no_grad()
+def scale_logits(model: nn.Module, factor: float) -> nn.Module:
+    """Multiply the last layer's logits by ``factor`` in place (temperature ``1/factor``),
+    folded into the classifier's weights so an exported network needs no extra operator."""
+    model.classifier.weight.mul_(float(factor))
+    model.classifier.bias.mul_(float(factor))
+    return model
 
 
 def flat_spec(tree: Hierarchy, input_size: int = 32, width: int = 32) -> ArchSpec:

@@ -2,8 +2,10 @@
 
 :func:`local_round` is what a device does for one federated round (take the task's
 weights, relabel its samples to the node's children, train ``epochs`` local epochs, return
-new weights). :func:`train_epochs` is the loop underneath it, also used by central training
-(``edgehmoe fit``) and by ``tools/profile_round.py``, so the three measure the same work.
+new weights). :func:`train_epochs` is the loop underneath it (a :class:`Trainer` run to the
+end), also used by central training (``edgehmoe fit``) and by ``tools/profile_round.py``, so
+the three measure the same work. :class:`Trainer` adds distillation from soft targets and
+can run in pieces; :func:`fit_temperature` calibrates a trained network on held-out data.
 
 Images stay uint8 NHWC in memory; each batch is converted, normalised and augmented
 (random horizontal flip, ±4 px shift with zero padding) on the fly.
@@ -28,6 +30,8 @@ __all__ = [
     "preprocess",
     "augment",
     "train_epochs",
+    "Trainer",
+    "fit_temperature",
     "local_round",
     "predict_logits",
     "predict_proba",
@@ -53,6 +57,9 @@ class TrainConfig:
     augment: bool = True  # flips and ±4 px shifts
     label_smoothing: float = 0.0
     seed: int = 0
+    # NHWC memory layout for convolutions: ~1.5x faster training of these small networks on
+    # x86 CPUs (same arithmetic, other kernels); central training turns it on.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "onecycle", "cosine"):
@@ -105,6 +112,124 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - warm) / (1 - warm)))
 
 
+class Trainer:
+    """The training loop as an object that can stop and resume: :func:`train_epochs` runs it
+    to the end in one call; central training advances many experts in step (``run(until)``)
+    so the whole hierarchical model can be validated after every epoch.
+
+    Trains ``model`` in place on uint8 images ``x`` with integer ``targets`` (indices into the
+    network's head logits: :meth:`TinyCNN.head_logits` when it has them, else its output).
+    With ``index``, trains on ``x[index]`` (``targets`` aligned with ``index``) without copying
+    those images. With ``soft_targets`` (rows aligned with ``targets``, probabilities over the
+    head's outputs at temperature ``distill_temperature``) and ``distill_weight`` α > 0, the
+    loss is ``(1 - α) · CE + α · τ² · KL(soft ‖ softmax(head / τ))`` (Hinton et al. 2015).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: np.ndarray,
+        targets: np.ndarray,
+        cfg: TrainConfig,
+        mean: np.ndarray,
+        std: np.ndarray,
+        index: np.ndarray | None = None,
+        soft_targets: np.ndarray | None = None,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+    ):
+        self.index = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64)
+        self.n = n = len(self.index)
+        if n == 0:
+            raise ModelError("no training samples")
+        if len(targets) != n:
+            raise ModelError(f"{n} images but {len(targets)} targets")
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ModelError(f"distill_weight must lie in [0, 1], got {distill_weight}")
+        if distill_weight > 0:
+            if soft_targets is None or len(soft_targets) != n:
+                raise ModelError("distillation needs one row of soft targets per training sample")
+            if not distill_temperature > 0:
+                raise ModelError(f"distill_temperature must be > 0, got {distill_temperature}")
+        self.model, self.x, self.cfg = model, x, cfg
+        self.mean, self.std = mean, std
+        self.gen = torch.Generator().manual_seed(int(cfg.seed))
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        self.total = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.y = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+        self.soft = None if distill_weight <= 0 else torch.from_numpy(np.asarray(soft_targets, dtype=np.float32))
+        self.alpha, self.tau = float(distill_weight), float(distill_temperature)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.head = getattr(model, "head_logits", model)
+        self.step = 0
+        self.seen = 0  # images presented so far (the training cost is proportional to it)
+        self._perm: np.ndarray | None = None
+        self._pos = 0
+        self.recent: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean training loss over the last epoch's steps (``nan`` before the first step)."""
+        return float(np.mean(self.recent[-self.steps_per_epoch :])) if self.recent else float("nan")
+
+    def _loss(self, xb: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        out = self.head(xb)
+        ce = self.loss_fn(out, self.y[idx])
+        if self.soft is None:
+            return ce
+        logp = torch.log_softmax(out / self.tau, dim=1)
+        soft = self.soft[idx]
+        kl = (soft * (torch.log(soft.clamp_min(1e-12)) - logp)).sum(dim=1).mean()
+        return (1 - self.alpha) * ce + self.alpha * self.tau**2 * kl
+
+    def run(self, until: int | None = None, on_step: Callable[[int, int, float], None] | None = None) -> int:
+        """Train up to step ``until`` (default: the end); returns the steps taken by this call."""
+        until = self.total if until is None else min(int(until), self.total)
+        cfg, n, first = self.cfg, self.n, self.step
+        self.model.train()
+        while self.step < until:
+            if self._perm is None or self._pos >= n:
+                self._perm = torch.randperm(n, generator=self.gen).numpy()
+                self._pos = 0
+                self.recent = self.recent[-self.steps_per_epoch :]
+            idx = self._perm[self._pos : self._pos + cfg.batch_size]
+            self._pos += cfg.batch_size
+            if len(idx) < 2 and n >= 2:  # BatchNorm needs > 1 sample per batch
+                continue
+            xb = preprocess(self.x[self.index[idx]], self.mean, self.std)
+            if cfg.augment:
+                xb = augment(xb, self.gen)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for g in self.opt.param_groups:
+                g["lr"] = _lr_at(cfg, self.step, self.total)
+            loss = self._loss(xb, idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at step {self.step}; lower the learning rate "
+                    f"(now {cfg.lr}) or check the input data"
+                )
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.recent.append(loss.item())
+            self.step += 1
+            self.seen += len(idx)
+            if on_step is not None:
+                on_step(self.step, self.total, self.recent[-1])
+        return self.step - first
+
+
 def train_epochs(
     model: nn.Module,
     x: np.ndarray,
@@ -123,51 +248,36 @@ def train_epochs(
 
     Returns ``(mean training loss over the last epoch's steps, steps taken)``.
     """
-    index = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64)
-    n = len(index)
-    if n == 0:
-        raise ModelError("no training samples")
-    if len(targets) != n:
-        raise ModelError(f"{n} images but {len(targets)} targets")
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
-    )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    y_all = torch.from_numpy(np.asarray(targets, dtype=np.int64))
-    model.train()
-    step = 0
-    recent: list[float] = []
-    while step < total:
-        perm = torch.randperm(n, generator=gen).numpy()
-        for start in range(0, n, cfg.batch_size):
-            if step >= total:
-                break
-            idx = perm[start : start + cfg.batch_size]
-            if len(idx) < 2 and n >= 2:  # BatchNorm needs > 1 sample per batch
-                continue
-            xb = preprocess(x[index[idx]], mean, std)
-            if cfg.augment:
-                xb = augment(xb, gen)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(cfg, step, total)
-            loss = loss_fn(model(xb), y_all[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at step {step}; lower the learning rate "
-                    f"(now {cfg.lr}) or check the input data"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            recent.append(loss.item())
-            step += 1
-            if on_step is not None:
-                on_step(step, total, recent[-1])
-        recent = recent[-steps_per_epoch:]
-    return float(np.mean(recent)) if recent else float("nan"), step
+    t = Trainer(model, x, targets, cfg, mean, std, index=index)
+    steps = t.run(on_step=on_step)
+    return t.mean_loss, steps
+
+
+@torch.no_grad()
+def fit_temperature(model: nn.Module, x: np.ndarray, targets: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                    batch_size: int = 512) -> float:
+    """Temperature ``T`` minimising the negative log-likelihood of ``targets`` (output indices)
+    under ``softmax(output)`` when the head logits are divided by ``T`` (Guo et al. 2017).
+
+    For a leaf head the search runs through the leaf → child grouping, so the temperature is
+    the one :func:`edgehmoe.model.arch.scale_logits` ``(model, 1 / T)`` folds into the
+    network. A coarse-to-fine search over ``T`` in [0.05, 20]; returns 1.0 without samples.
+    """
+    if len(x) == 0:
+        return 1.0
+    model.eval()
+    head_fn = getattr(model, "head_logits", model)
+    group = getattr(model, "group", lambda h: h)
+    head = torch.cat([head_fn(preprocess(x[i : i + batch_size], mean, std)) for i in range(0, len(x), batch_size)])
+    y = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+
+    def nll(t: float) -> float:
+        return float(nn.functional.cross_entropy(group(head / t), y))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
+    best = min(grid, key=nll)
+    fine = best * np.exp(np.linspace(-0.06, 0.06, 25))  # the coarse grid's step is ±0.1 in log T
+    return float(min(fine, key=nll))
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
