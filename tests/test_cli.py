@@ -220,7 +220,8 @@ def test_fit_leaf_head_distilled_calibrated_bundle_predicts_as_torch(fitted, tmp
     # Prepare: every lever at once, the teacher taken from another model directory
     out = tmp_path / "m"
     r = _fit_json(capsys, "--model", "hmoe", "--epochs", "3", "--expert-head", "leaves", "--distill-weight", "0.5",
-                  "--teacher", str(fitted), "--calibrate-fraction", "0.2", "--out", str(out))
+                  "--teacher", str(fitted), "--calibrate-fraction", "0.2", "--root-stem-stride", "2",
+                  "--out", str(out))
     assert r["teacher"]["source"] == str(fitted)
     assert r["hmoe"]["train_examples"] == 132  # 162 minus 30 (20 % of each class) for calibration
     assert set(r["hmoe"]["temperatures"]) == {"root", "super0", "super1"}

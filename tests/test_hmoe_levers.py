@@ -125,6 +125,50 @@ def test_cnn3_macs_counts_the_leaf_head_linear_layer():
     assert train_macs(plain, 10) == 3 * 10 * 2_802_944
 
 
+def _hooked_macs(spec: ArchSpec) -> int:
+    """MACs counted on the torch network itself (convolutions and linear layers)."""
+    total = [0]
+
+    def conv(m, inp, out):
+        total[0] += out.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inp, out):
+        total[0] += m.in_features * m.out_features
+
+    model = build_model(spec)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(conv)
+        elif isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(linear)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    return total[0]
+
+
+@pytest.mark.parametrize("spec", [
+    ArchSpec(16, 20, input_size=32, leaf_groups=[i // 5 for i in range(100)]),
+    ArchSpec(32, 20, input_size=32, stem_stride=2),
+    ArchSpec(8, 2, input_size=16, stem_stride=2, leaf_groups=[0, 0, 1, 1, 1]),
+])
+def test_cost_model_matches_the_network_with_leaf_head_and_strided_stem(spec):
+    assert cnn3_macs(spec.to_dict()) == _hooked_macs(spec)
+
+
+def test_strided_stem_halves_the_resolution_and_keeps_plain_dicts_unchanged():
+    spec = ArchSpec(32, 20, input_size=32, stem_stride=2)
+    assert spec.to_dict()["stem_stride"] == 2 and ArchSpec.from_dict(spec.to_dict()) == spec
+    assert "stem_stride" not in ArchSpec(32, 20).to_dict()
+    # same width, a quarter of the convolution MACs (the linear layer is unchanged)
+    assert cnn3_macs(spec.to_dict()) - 128 * 20 == (cnn3_macs(ArchSpec(32, 20).to_dict()) - 128 * 20) // 4
+    specs = expert_specs(tree9(), input_size=8, fixed_width=4, root_stem_stride=2)
+    assert specs[0].stem_stride == 2 and all(specs[n].stem_stride == 1 for n in (1, 2, 6))
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        ArchSpec(4, 2, stem_stride=3)
+    with pytest.raises(ValueError, match="input_size / stem_stride"):
+        ArchSpec(4, 2, input_size=6, stem_stride=2)
+
+
 def test_equal_compute_epochs_balances_training_macs():
     flat = {"width": 32, "num_outputs": 100, "input_size": 32}
     root = {"width": 16, "num_outputs": 20, "input_size": 32}

@@ -175,7 +175,8 @@ def cmd_fit(args) -> int:
             report["flat"]["history"] = hist
     if args.model in ("hmoe", "both"):
         specs = expert_specs(tree, train.image_size, flat_width=args.flat_width, fixed_width=args.expert_width,
-                             root_width=args.root_width, head=args.expert_head)
+                             root_width=args.root_width, head=args.expert_head,
+                             root_stem_stride=args.root_stem_stride)
         hx, hy, cal = train.x, train.y, None
         if args.calibrate_fraction > 0:
             keep, held = train_val_split(train.y, args.calibrate_fraction, args.seed + 1)
@@ -200,7 +201,8 @@ def cmd_fit(args) -> int:
             "params_max": max(s["params"] for s in stats.values()),
             "epochs": round(float(epochs), 3), "train_examples": int(len(hx)),
             "train_gmacs": _gmacs(sum(s["train_macs"] for s in stats.values())),
-            "expert_head": args.expert_head, "distill_weight": args.distill_weight,
+            "expert_head": args.expert_head, "root_stem_stride": args.root_stem_stride,
+            "distill_weight": args.distill_weight,
             "calibrate_fraction": args.calibrate_fraction,
         }
         if cal is not None:
@@ -330,6 +332,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-head", choices=["children", "leaves"], default="children",
                    help="train each expert on its children, or on the leaves below it with the network "
                         "summing leaf probabilities into children (same bundle format) (default children)")
+    g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=1,
+                   help="stride of the root's first convolution: 2 runs the root at half resolution "
+                        "(a quarter of its activation memory and MACs per width) (default 1)")
     g.add_argument("--equal-compute", action="store_true",
                    help="give the hierarchical model the training MACs of --epochs flat epochs "
                         "(its epochs are computed from the cost model)")

@@ -67,6 +67,9 @@ class ArchSpec:
     # Leaf head: child index (0..num_outputs-1) of each leaf below the node, in leaf order;
     # None for a network whose last layer has one logit per output (the default).
     leaf_groups: tuple[int, ...] | None = None
+    # Stride of the first convolution: 2 runs the whole network at half resolution (a
+    # quarter of the activations and multiply-accumulates per width).
+    stem_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.kind != "cnn3":
@@ -85,8 +88,12 @@ class ArchSpec:
                 )
         if self.num_outputs < 2:
             raise ModelError(f"a classifier needs at least 2 outputs, got {self.num_outputs}")
-        if self.input_size < 4:
-            raise ModelError(f"input_size must be >= 4 (two 2x2 poolings), got {self.input_size}")
+        if self.stem_stride not in (1, 2):
+            raise ModelError(f"stem_stride must be 1 or 2, got {self.stem_stride!r}")
+        if self.input_size // self.stem_stride < 4:
+            raise ModelError(
+                f"input_size / stem_stride must be >= 4 (two 2x2 poolings), got {self.input_size}/{self.stem_stride}"
+            )
         if self.width > 1024:
             raise ModelError(f"width {self.width} is implausibly large (max 1024)")
 
@@ -97,23 +104,27 @@ class ArchSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        # Options at their defaults are left out: the dict of a plain network is exactly what
+        # it always was (older readers, manifests and train tasks know only those keys).
         if self.leaf_groups is None:
-            del d["leaf_groups"]  # the dict of a plain network is exactly what it always was
+            del d["leaf_groups"]
         else:
             d["leaf_groups"] = list(self.leaf_groups)
+        if self.stem_stride == 1:
+            del d["stem_stride"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArchSpec":
-        known = {"width", "num_outputs", "input_size", "in_channels", "kind", "leaf_groups"}
+        known = {"width", "num_outputs", "input_size", "in_channels", "kind", "leaf_groups", "stem_stride"}
         unknown = set(d) - known
         if unknown:
             raise ModelError(f"unknown architecture keys {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**d)
 
 
-def _block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class TinyCNN(nn.Module):
@@ -124,7 +135,7 @@ class TinyCNN(nn.Module):
         self.spec = spec
         w = spec.width
         self.features = nn.Sequential(
-            *_block(spec.in_channels, w),
+            *_block(spec.in_channels, w, spec.stem_stride),
             nn.MaxPool2d(2),
             *_block(w, 2 * w),
             nn.MaxPool2d(2),
@@ -184,10 +195,13 @@ def expert_specs(
     fixed_width: int | None = None,
     root_width: int | None = None,
     head: str = "children",
+    root_stem_stride: int = 1,
 ) -> dict[int, ArchSpec]:
     """Architecture of every expert (internal node) of ``tree``.
 
-    ``fixed_width`` gives every expert the same width; ``root_width`` overrides the root's.
+    ``fixed_width`` gives every expert the same width; ``root_width`` overrides the root's;
+    ``root_stem_stride=2`` gives the root a strided first convolution (the expert that sees
+    every sample is the one whose round memory matters most).
     ``head="leaves"`` gives every expert with an internal child a leaf head
     (:func:`leaf_groups`); an expert whose children are all leaves is the same either way and
     keeps the plain head.
@@ -203,7 +217,8 @@ def expert_specs(
         groups = None
         if head == "leaves" and int(tree.leaves_under[node]) > k:
             groups = tuple(int(g) for g in leaf_groups(tree, int(node)))
-        specs[int(node)] = ArchSpec(width=int(w), num_outputs=k, input_size=input_size, leaf_groups=groups)
+        specs[int(node)] = ArchSpec(width=int(w), num_outputs=k, input_size=input_size, leaf_groups=groups,
+                                    stem_stride=root_stem_stride if node == 0 else 1)
     return specs
 
 
@@ -266,10 +281,10 @@ def estimate_train_memory_mb(spec: ArchSpec | dict, batch_size: int) -> float:
     """
     if isinstance(spec, dict):
         spec = ArchSpec.from_dict(spec)
-    w, s = spec.width, spec.input_size
+    w, s = spec.width, spec.input_size // spec.stem_stride
     params = count_params(spec)
     per_sample = (
-        spec.in_channels * s * s
+        spec.in_channels * spec.input_size**2
         + 3 * w * s * s + w * (s // 2) ** 2
         + 3 * 2 * w * (s // 2) ** 2 + 2 * w * (s // 4) ** 2
         + 3 * 4 * w * (s // 4) ** 2

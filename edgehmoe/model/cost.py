@@ -24,14 +24,16 @@ TRAIN_STEP_FACTOR = 3
 def cnn3_macs(arch: Mapping) -> int:
     """Multiply-accumulates per image of the ``cnn3`` family (conv w, 2w, 4w; pools; linear).
 
-    Counts the three 3x3 convolutions (padding 1) at sides s, s/2 and s/4 and the final
+    Counts the three 3x3 convolutions (padding 1) at sides s, s/2 and s/4 (s = input side /
+    ``stem_stride``, the side of the first convolution's output) and the final
     linear layer (over the leaves below the node for a leaf-head expert, whose
     ``leaf_groups`` lists one child index per leaf; the grouping into children is a sum of
     exponentials and not counted). BatchNorm (folded into the convolutions on export), ReLU
     and pooling are not multiply-accumulates. Takes the ``arch`` dict of a manifest or model
     directory (``ArchSpec.to_dict()``).
     """
-    s, w, c = int(arch["input_size"]), int(arch["width"]), int(arch.get("in_channels", 3))
+    s = int(arch["input_size"]) // int(arch.get("stem_stride", 1))  # side after the first convolution
+    w, c = int(arch["width"]), int(arch.get("in_channels", 3))
     groups = arch.get("leaf_groups")
     k = len(groups) if groups else int(arch["num_outputs"])
     return s * s * 9 * c * w + (s // 2) ** 2 * 9 * w * 2 * w + (s // 4) ** 2 * 9 * 2 * w * 4 * w + 4 * w * k
