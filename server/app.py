@@ -90,6 +90,7 @@ class AggregationServer:
         self.registry: DeviceRegistry | None = None
         self.scheduler: Scheduler | None = None
         self.runner: RoundRunner | None = None  # set by connect()
+        self._label_maps: dict[int, np.ndarray] = {}  # node -> label map sent with its tasks
 
     # ------------------------------------------------------------------ views
     @property
@@ -237,7 +238,11 @@ class AggregationServer:
 
     def _task(self, rnd: int, dev_id: str, node: int, lr: float, deadline: float) -> wire.TrainTask:
         cfg = self.cfg
-        label_map = np.arange(self.tree.num_classes, dtype=np.int64) if node == FLAT else self.tree.label_map(node)
+        # One array per node, so the tasks of a round share it (wire.iter_encode encodes it once).
+        label_map = self._label_maps.get(node)
+        if label_map is None:
+            label_map = np.arange(self.tree.num_classes, dtype=np.int64) if node == FLAT else self.tree.label_map(node)
+            self._label_maps[node] = label_map
         return wire.TrainTask(
             run=cfg.run.name, round=rnd, task_id=f"r{rnd}-{uuid.uuid4().hex[:12]}", node=node,
             arch=dict(self.specs[node]), label_map=label_map, weights=self.weights[node],
@@ -271,12 +276,21 @@ class AggregationServer:
     def _aggregate_and_commit(self, rnd: int, pending: list[Pending], lr: float, wall_s: float) -> dict | None:
         t0 = time.perf_counter()
         rules = UpdateRules.from_schedule(self.cfg.schedule)
-        new = aggregate(pending, rules)  # float64, checked finite: never commits weights it cannot load
+        runner = self.runner
+        # float64, checked finite: never commits weights it cannot load; FedAvg from the running
+        # sums the runner kept (the results themselves hold no weights then)
+        new = aggregate(pending, rules, streams=runner.streams if runner is not None else None)
         agg_ms = (time.perf_counter() - t0) * 1000
         row = metrics_row(rnd, self.cfg.model.kind, self.tree, pending, new, lr=lr, aggregation_ms=agg_ms,
-                          round_wall_s=wall_s, time_unix=self.clock(), aggregation=rules.aggregation)
+                          round_wall_s=wall_s, time_unix=self.clock(), aggregation=rules.aggregation,
+                          bytes_out=runner.bytes_out if runner is not None else None,
+                          bytes_in=runner.bytes_in if runner is not None else None)
         if not new:
-            logger.warning("round %d: no valid update (outcomes %s); round repeated", rnd, row["outcomes"])
+            counts: dict[str, int] = {}
+            for o in row["outcomes"].values():
+                counts[o] = counts.get(o, 0) + 1
+            logger.warning("round %d: no valid update (outcomes %s); round repeated", rnd,
+                           row["outcomes"] if len(row["outcomes"]) <= 20 else counts)
             return None
         weights = {**self.weights, **new}
         visits = dict(self.state.visits)

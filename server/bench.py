@@ -103,6 +103,8 @@ class _Sampler:
         self.pids: dict[str, int] = {}
         self.peak: dict[str, float] = {}
         self.rss_at_round: list[float] = []  # server RSS right after each commit
+        self.cpu_at_round: list[float] = []  # server CPU seconds (user + system) at each commit
+        self.cpu: dict[str, float] = {}  # name -> last CPU seconds seen (children of the fleet included)
         self.metrics_path: Path | None = None
         self._rows_seen = 0
         self._stop = threading.Event()
@@ -111,6 +113,20 @@ class _Sampler:
     def start(self) -> _Sampler:
         self._thread.start()
         return self
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            import psutil
+
+            p = psutil.Process(pid)
+            t = p.cpu_times()
+            total = t.user + t.system
+            for c in p.children(recursive=True):  # the fleet's worker processes
+                ct = c.cpu_times()
+                total += ct.user + ct.system
+            return total
+        except Exception:  # noqa: BLE001 - gone
+            return None
 
     def _rss(self, pid: int) -> float | None:
         try:
@@ -128,6 +144,9 @@ class _Sampler:
                 v = process_mem_mb(pid) if name == "server" else self._rss(pid)  # server: also its VmHWM
                 if v is not None:
                     self.peak[name] = max(self.peak.get(name, 0.0), v)
+                c = self._cpu(pid)
+                if c is not None:  # max: a stopping fleet's workers leave before their parent
+                    self.cpu[name] = max(self.cpu.get(name, 0.0), c)
             if self.metrics_path is not None and "server" in self.pids:
                 try:
                     with open(self.metrics_path, "rb") as f:
@@ -139,6 +158,9 @@ class _Sampler:
                     v = self._rss(self.pids["server"])
                     if v is not None:
                         self.rss_at_round.append(v)
+                    c = self._cpu(self.pids["server"])
+                    if c is not None:
+                        self.cpu_at_round.append(c)
 
     def close(self) -> None:
         self._stop.set()
@@ -158,6 +180,8 @@ class CaseResult:
     broker_peak_rss_mb: float | None = None
     clients_peak_rss_mb: float | None = None
     server_rss_by_round: list[float] = field(default_factory=list)
+    server_cpu_by_round: list[float] = field(default_factory=list)
+    cpu_s: dict = field(default_factory=dict)  # process -> CPU seconds over the whole case
     fleet: dict = field(default_factory=dict)
     train_ms: float = 0.0
     load_before: tuple = ()
@@ -179,6 +203,10 @@ class CaseResult:
         else:
             bpr, bytes_source = None, ""
         rss = self.server_rss_by_round
+        cpu = self.server_cpu_by_round
+        # CPU seconds the server spent per round (between commits, first and last left out like
+        # the wall times): what the round costs it, whatever else runs on the machine
+        per_round = [b - a for a, b in zip(cpu, cpu[1:-1])] if len(cpu) > 2 else []
         return {
             "devices": self.devices,
             "clients": self.clients,
@@ -193,6 +221,8 @@ class CaseResult:
             "server_rss_first_last_mb": [rss[0], rss[-1]] if rss else None,
             "bytes_per_round": bpr,
             "bytes_source": bytes_source,
+            "server_cpu_ms_per_round": percentile(per_round, 50) * 1000 if per_round else None,
+            "cpu_s": self.cpu_s,
             "fleet_cpu_s": self.fleet.get("cpu_s"),
             "flower_median_round_ms": flower[0] if flower else None,
             "flower_p95_round_ms": flower[1] if flower else None,
@@ -210,8 +240,8 @@ def round_stats(rows: list[dict]) -> dict:
     for prev, row in zip(rows, rows[1:-1]):  # rows 1 .. n-2: a previous commit, no final evaluation
         wall = (row["time_unix"] - prev["time_unix"]) * 1000.0
         slowest = max((d.get("round_time_ms", 0.0) for d in row.get("per_device") or []), default=0.0)
-        if "round_time_ms_max" in row:  # compact rows summarise per-device detail
-            slowest = max(slowest, row["round_time_ms_max"])
+        if row.get("detail") == "summary":  # a compact row: per-device figures summarised per expert
+            slowest = max([slowest, *(st["round_time_ms"]["max"] for st in row["per_node"].values())])
         walls.append(wall)
         over.append(wall - slowest)
     return {
@@ -243,7 +273,13 @@ def _config(work: Path, n: int, broker_url: str, rounds: int, model: str, timeou
 
 def _start_broker(work: Path, users: list[str], persistence: bool = True) -> MosquittoBroker:
     raise_fd_limit(2 * len(users) + 1024)  # Mosquitto inherits this process's open-file limit
-    broker = MosquittoBroker(run_dir=work / "broker", runs=[RUN], persistence=work / "broker-db" if persistence else None)
+    # Mosquitto's queue limits are per client and the same for every client: the server's queue
+    # must hold a retained hello and status per device (delivered at once when it subscribes) and
+    # a round of results and statuses, or the broker drops them ("Outgoing messages are being
+    # dropped"); docs/scale.md.
+    n = len(users)
+    broker = MosquittoBroker(run_dir=work / "broker", runs=[RUN], persistence=work / "broker-db" if persistence else None,
+                             max_queued_messages=max(1000, 4 * n), max_queued_bytes=max(64 << 20, n << 20))
     broker.password_file.parent.mkdir(parents=True, exist_ok=True)
     _write_accounts(broker, users, work / "creds")
     broker.start()
@@ -351,6 +387,8 @@ def run_case(n: int, *, clients: str = "fleet", rounds: int = 20, model: str = "
         if (work / "fleet.json").is_file():
             res.fleet = json.loads((work / "fleet.json").read_text())
     res.server_rss_by_round = sampler.rss_at_round
+    res.server_cpu_by_round = sampler.cpu_at_round
+    res.cpu_s = dict(sampler.cpu)
     res.load_after = os.getloadavg()
     res.seconds = time.monotonic() - t0
     return res

@@ -25,26 +25,51 @@ def load_rows(run_dir: Path) -> list[dict]:
 
 
 def per_node_costs(rows: list[dict]) -> dict[int, dict]:
-    """Median (over device-rounds) time and memory per node, plus totals."""
+    """Median (over device-rounds) time and memory per node, plus totals.
+
+    A compact row (``detail: "summary"``, more than ``rounds.DETAIL_LIMIT`` devices) has no
+    ``per_device`` list; its ``per_node`` medians count once per device of that round (weighted
+    medians of medians: close to, not exactly, the median over device-rounds), its sums exactly.
+    """
     acc: dict[int, dict[str, list]] = {}
+    totals: dict[int, float] = {}
     for r in rows:
         for d in r.get("per_device", []):
-            a = acc.setdefault(int(d["node"]), {"t": [], "m": [], "p": [], "n": []})
+            a = acc.setdefault(int(d["node"]), {"t": [], "m": [], "p": [], "n": [], "w": []})
             a["t"].append(d["round_time_ms"])
             a["m"].append(d["round_mem_mb"])
             a["p"].append(d["peak_rss_mb"])
             a["n"].append(d["num_examples"])
+            a["w"].append(1)
+            totals[int(d["node"])] = totals.get(int(d["node"]), 0.0) + d["round_time_ms"]
+        if r.get("detail") == "summary":
+            for node, st in (r.get("per_node") or {}).items():
+                k = int(st["devices"])
+                a = acc.setdefault(int(node), {"t": [], "m": [], "p": [], "n": [], "w": []})
+                a["t"].append(st["round_time_ms"]["median"])
+                a["m"].append(st["round_mem_mb"]["median"])
+                a["p"].append(st["peak_rss_mb"]["median"])
+                a["n"].append(st["num_examples"] / max(1, k))
+                a["w"].append(k)
+                totals[int(node)] = totals.get(int(node), 0.0) + st["round_time_ms"]["sum"]
     return {
         n: {
-            "round_time_ms": float(np.median(a["t"])),
-            "round_mem_mb": float(np.median(a["m"])),
-            "peak_rss_mb": float(np.median(a["p"])),
-            "samples_per_device": float(np.median(a["n"])),
-            "device_rounds": len(a["t"]),
-            "total_time_ms": float(np.sum(a["t"])),
+            "round_time_ms": _weighted_median(a["t"], a["w"]),
+            "round_mem_mb": _weighted_median(a["m"], a["w"]),
+            "peak_rss_mb": _weighted_median(a["p"], a["w"]),
+            "samples_per_device": _weighted_median(a["n"], a["w"]),
+            "device_rounds": int(sum(a["w"])),
+            "total_time_ms": float(totals.get(n, 0.0)),
         }
         for n, a in acc.items()
     }
+
+
+def _weighted_median(values: list, weights: list) -> float:
+    """``np.median`` of ``values`` with each repeated ``weights`` times (equal to it for unit weights)."""
+    if all(w == 1 for w in weights):
+        return float(np.median(values))
+    return float(np.median(np.repeat(np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.int64))))
 
 
 def _val_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
@@ -52,6 +77,8 @@ def _val_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
     out, cum = [], 0.0
     for r in rows:
         cum += sum(d["round_time_ms"] for d in r.get("per_device", []))
+        if r.get("detail") == "summary":  # compact row: the sums per expert
+            cum += sum(st["round_time_ms"]["sum"] for st in (r.get("per_node") or {}).values())
         if "val_info_f1" in r:
             out.append((r["round"] + 1, cum, r["val_info_f1"]))
     return out

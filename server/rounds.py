@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
 from edgehmoe.server.registry import DeviceRegistry
 from edgehmoe.server.scheduler import FLAT
 
@@ -46,6 +47,7 @@ from edgehmoe.errors import EdgeHmoeError
 from edgehmoe.fl import wire
 from edgehmoe.fl.aggregation import (
     AGGREGATIONS,
+    FedAvgStream,
     InvalidUpdate,
     Weights,
     aggregate_per_expert,
@@ -65,6 +67,7 @@ __all__ = [
     "connect_mqtt",
     "metrics_row",
     "node_name",
+    "per_node_summary",
     "validate_result",
 ]
 
@@ -74,6 +77,13 @@ logger = logging.getLogger(__name__)
 OUTCOMES = ("asked", "ok", "refused", "error", "offline", "invalid", "late", "timeout")
 #: Seconds between two "dropped ..." lines about one device (or topic).
 DROP_LOG_INTERVAL_S = 60.0
+#: Above this many asked devices a ``metrics.jsonl`` row summarises the per-device measurements
+#: per expert (``per_node``) instead of listing them (``per_device`` is then empty and ``detail``
+#: is ``"summary"``): a row stays ~20 KB at 1,000 devices instead of ~200 KB (issue #12).
+DETAIL_LIMIT = 100
+#: Tasks a round keeps unacknowledged at most while publishing (a pipeline, not a round trip per
+#: task; bounds what paho holds in memory). The broker acknowledges a task once it has it.
+PUBLISH_WINDOW = 32
 #: Outcomes that count as a missed deadline (see ``DeviceRegistry.on_missed``).
 MISSED = ("timeout", "late")
 
@@ -173,7 +183,7 @@ class Pending:
 
 
 def validate_result(r: wire.TrainResult, task: wire.TrainTask, device_id: str, *, max_examples: int | None = None,
-                    max_update_norm: float = 0.0) -> None:
+                    max_update_norm: float = 0.0, reference_norm: float | None = None) -> None:
     """Check a result against the task it answers (Flower's ``validate_message_reply_consistency``).
 
     Run, round, node and sender must match the task; the weights must have the task's names,
@@ -190,7 +200,7 @@ def validate_result(r: wire.TrainResult, task: wire.TrainTask, device_id: str, *
         raise InvalidUpdate(f"result is for node {r.node} from {r.device_id}, task was node {task.node} for {device_id}")
     validate_update(r.weights, task.weights, r.num_examples, max_examples=max_examples)
     if max_update_norm > 0:
-        check_update_norm(r.weights, task.weights, max_update_norm)
+        check_update_norm(r.weights, task.weights, max_update_norm, reference_norm=reference_norm)
 
 
 class RoundRunner:
@@ -222,6 +232,13 @@ class RoundRunner:
         self.deadline = 0.0
         self.open = False  # collecting results of self.round
         self.pending: dict[str, Pending] = {}  # task_id -> Pending
+        self._by_device: dict[str, list[Pending]] = {}  # device id -> its pending tasks
+        self._left = 0  # tasks of the open round not yet answered
+        #: FedAvg running sums of the open round by node (when the rules allow streaming).
+        self.streams: dict[int, FedAvgStream] = {}
+        self._ref_norms: dict[int, float] = {}  # node -> norm of the weights sent this round
+        #: Payload bytes of the last round: tasks published, results received.
+        self.bytes_out = self.bytes_in = 0
         self._drop_log: dict[str, tuple[float, int]] = {}  # key -> (time of last line, lines not written)
 
     def subscribe(self) -> None:
@@ -231,7 +248,8 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ inbound
     def pump(self, timeout: float) -> None:
-        """Handle inbound messages for up to ``timeout`` seconds (returns early when idle)."""
+        """Handle inbound messages for up to ``timeout`` seconds (returns early when idle, and as
+        soon as every task of the open round is answered)."""
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
@@ -242,6 +260,8 @@ class RoundRunner:
             except TimeoutError:
                 return
             self.handle(topic, payload)
+            if self.open and self._left == 0:
+                return
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Decode one inbound message and route it to the registry or the open round.
@@ -283,6 +303,8 @@ class RoundRunner:
             self.registry.on_status(msg)
             self._on_status(msg)
         elif kind == "result" and isinstance(msg, wire.TrainResult):
+            if self.open:
+                self.bytes_in += len(payload)
             self._on_result(msg)
         else:
             self._drop(dev_id, "dropped %s on %s topic of %s", type(msg).__name__, kind, dev_id)
@@ -304,19 +326,24 @@ class RoundRunner:
         self._drop_log[key] = (now, 0)
         logger.warning(msg, *args)
 
+    def _settle(self, p: Pending, outcome: str, reason: str = "", result: wire.TrainResult | None = None) -> None:
+        if not p.answered:
+            self._left -= 1
+        p.settle(outcome, reason, result)
+
     def _settle_device(self, dev_id: str, outcome: str, reason: str) -> None:
         """Settle every unanswered task of ``dev_id`` in the open round."""
         if not self.open:
             return
-        for p in self.pending.values():
-            if p.device_id == dev_id and not p.answered:
-                p.settle(outcome, reason)
+        for p in self._by_device.get(dev_id, ()):
+            if not p.answered:
+                self._settle(p, outcome, reason)
 
     def _on_status(self, s: wire.Status) -> None:
         if s.state == "offline":  # last will: its part of the round ends now, not at the deadline
             self._settle_device(s.device_id, "offline", "went offline")
         elif s.state in ("refused", "error") and s.round == self.round and self.open:
-            if any(p.device_id == s.device_id and not p.answered for p in self.pending.values()):
+            if any(not p.answered for p in self._by_device.get(s.device_id, ())):
                 logger.warning("device %s %s round %d: %s", s.device_id, s.state, s.round, s.detail)
             self._settle_device(s.device_id, s.state, s.detail)
 
@@ -332,28 +359,37 @@ class RoundRunner:
             return
         now = self.clock()
         if now > self.deadline:
-            p.settle("late", f"arrived {now - self.deadline:.1f} s after the deadline")
+            self._settle(p, "late", f"arrived {now - self.deadline:.1f} s after the deadline")
             logger.warning("dropped late result from %s for round %d", r.device_id, r.round)
             return
         rules = self.rules
         reject_norm = rules.max_update_norm if rules.update_norm_action == "reject" else 0.0
+        ref_norm = None
+        if rules.max_update_norm > 0:  # once per expert and round, not once per result
+            ref_norm = self._ref_norms.get(p.node)
+            if ref_norm is None:
+                ref_norm = self._ref_norms[p.node] = weights_norm(p.task.weights)
         try:
             validate_result(r, p.task, p.device_id, max_examples=self.registry.samples_under(p.device_id,
                                                                                              p.task.label_map),
-                            max_update_norm=reject_norm)
+                            max_update_norm=reject_norm, reference_norm=ref_norm)
             if rules.update_norm_action == "clip" and rules.max_update_norm > 0:
-                ratio = check_update_norm(r.weights, p.task.weights, 0.0)
+                ratio = check_update_norm(r.weights, p.task.weights, 0.0, reference_norm=ref_norm)
                 if ratio > rules.max_update_norm:
-                    bound = rules.max_update_norm * max(weights_norm(p.task.weights), 1.0)
+                    bound = rules.max_update_norm * max(ref_norm, 1.0)
                     r = replace(r, weights=clip_update(r.weights, p.task.weights, bound))
                     logger.warning("clipped update from %s for %s: its norm was %.3g x the weights' norm, above "
                                    "%g (schedule.max_update_norm)", r.device_id, node_name(self.tree, p.node),
                                    ratio, rules.max_update_norm)
+            stream = self.streams.get(p.node)
+            if stream is not None:
+                stream.add(r.weights, r.num_examples)  # folded into the running sum: not kept
+                r = replace(r, weights={})
         except InvalidUpdate as e:
-            p.settle("invalid", str(e))
+            self._settle(p, "invalid", str(e))
             logger.warning("rejected update from %s for %s: %s", r.device_id, node_name(self.tree, p.node), e)
             return
-        p.settle("ok", result=r)
+        self._settle(p, "ok", result=r)
 
     # ------------------------------------------------------------------ one round
     def fit_round(self, rnd: int, tasks: Mapping[str, wire.TrainTask], deadline: float,
@@ -366,29 +402,57 @@ class RoundRunner:
         """
         self.round, self.deadline = rnd, deadline
         self.pending = {t.task_id: Pending(t, dev) for dev, t in tasks.items()}
+        self._by_device = {}
+        for p in self.pending.values():
+            self._by_device.setdefault(p.device_id, []).append(p)
+        self._left = len(self.pending)
+        self.bytes_out = self.bytes_in = 0
+        self._ref_norms = {}
+        # FedAvg without clipping to the round's median change folds each result into a running
+        # sum as it arrives; the robust rules need every update at once.
+        streaming = self.rules.aggregation == "fedavg" and self.rules.clip_factor <= 0
+        self.streams = {t.node: FedAvgStream(t.weights) for t in tasks.values()} if streaming else {}
         self.open = True
+        t_start = t_published = time.monotonic()
         try:
-            for dev, t in tasks.items():
+            # One serialised copy of each expert's weights for all its tasks, encoded one at a time;
+            # no round trip per task: while more than PUBLISH_WINDOW tasks wait for the broker's
+            # acknowledgement, the answers of the first devices are handled (memory stays bounded).
+            unacked = getattr(self.transport, "unacked", None)
+            devs = list(tasks)
+            for dev, payload in zip(devs, wire.iter_encode(tasks[d] for d in devs)):
+                self.bytes_out += len(payload)
                 try:
-                    self.transport.publish(self.topics.task(dev), wire.encode(t), qos=1, expiry_s=expiry_s)
+                    self.transport.publish(self.topics.task(dev), payload, qos=1, expiry_s=expiry_s, wait=False)
                 except (TimeoutError, MqttError) as e:
-                    # Not acknowledged (broker away): paho keeps it queued and resends it after the
+                    # Not sent (broker away): paho keeps it queued and resends it after the
                     # reconnect; the device's answer is awaited until the deadline as usual.
                     logger.warning("round %d: task for %s not acknowledged yet (%s)", rnd, dev, e)
+                del payload
+                if unacked is not None:
+                    end = time.monotonic() + 30.0  # a broker that is away: paho keeps the rest queued
+                    while unacked() > PUBLISH_WINDOW and time.monotonic() < end and not self.stop.is_set():
+                        self.pump(0.02)
+            t_published = time.monotonic()
             while not self.stop.is_set():
+                if self._left == 0:
+                    break
                 self.pump(0.5)
-                if all(p.answered for p in self.pending.values()):
+                if self._left == 0:
                     break
                 if self.clock() > deadline:
                     for p in self.pending.values():
                         if not p.answered:
-                            p.settle("timeout", "no answer before the deadline")
+                            self._settle(p, "timeout", "no answer before the deadline")
                             logger.warning("round %d: %s did not answer before the deadline", rnd, p.device_id)
                     break
         finally:
             self.open = False
-        if not all(p.answered for p in self.pending.values()):
+        if self._left:
             return None  # stopped mid-round
+        logger.info("round %d: %d task(s) published in %.0f ms (%.1f MB), answers collected %.0f ms later "
+                    "(%.1f MB)", rnd, len(tasks), (t_published - t_start) * 1000, self.bytes_out / 1e6,
+                    (time.monotonic() - t_published) * 1000, self.bytes_in / 1e6)
         for p in self.pending.values():
             if p.outcome in MISSED:
                 self.registry.on_missed(p.device_id)
@@ -401,21 +465,31 @@ def _size(payload: object) -> str:
     return str(len(payload)) if hasattr(payload, "__len__") else "?"
 
 
-def aggregate(pending: Iterable[Pending], rules: UpdateRules | None = None) -> dict[int, Weights]:
+def aggregate(pending: Iterable[Pending], rules: UpdateRules | None = None,
+              streams: Mapping[int, FedAvgStream] | None = None) -> dict[int, Weights]:
     """Aggregate per expert the ``ok`` results with ``rules.aggregation`` (default FedAvg weighted
     by ``num_examples``; dtypes of the task; float64, checked finite).
 
-    An expert whose aggregate cannot be used (not finite in its dtype, which validation should
-    already have made impossible) is left out with a logged reason: it keeps its weights.
+    ``streams``: the round's FedAvg running sums by node (:attr:`RoundRunner.streams`); a node
+    that has one is averaged from it (its results no longer hold weights), the others from their
+    results. An expert whose aggregate cannot be used (not finite in its dtype, which validation
+    should already have made impossible) is left out with a logged reason: it keeps its weights.
     """
     rules = rules if rules is not None else UpdateRules()
+    streams = streams or {}
     by_node: dict[int, list] = {}
     templates: dict[int, Weights] = {}
+    out: dict[int, Weights] = {}
+    for node, stream in streams.items():
+        if stream.count:
+            try:
+                out[node] = stream.result()
+            except InvalidUpdate as e:
+                logger.error("expert %s not updated this round: %s", node, e)
     for p in pending:
-        if p.outcome == "ok" and p.result is not None:
+        if p.outcome == "ok" and p.result is not None and p.node not in streams:
             by_node.setdefault(p.node, []).append((p.result.weights, p.result.num_examples))
             templates[p.node] = p.task.weights
-    out: dict[int, Weights] = {}
     for node, updates in by_node.items():
         try:
             out.update(aggregate_per_expert({node: updates}, templates, method=rules.aggregation,
@@ -427,7 +501,7 @@ def aggregate(pending: Iterable[Pending], rules: UpdateRules | None = None) -> d
 
 def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], updated: Iterable[int], *,
                 lr: float, aggregation_ms: float, round_wall_s: float, time_unix: float,
-                aggregation: str = "fedavg") -> dict:
+                aggregation: str = "fedavg", bytes_out: int | None = None, bytes_in: int | None = None) -> dict:
     """The ``metrics.jsonl`` row of a round (validation metrics are added by the caller).
 
     Keys: ``round``, ``kind``, ``nodes``/``experts`` (asked), ``updated`` (aggregated),
@@ -435,11 +509,23 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
     ``rejected`` (device -> reason, for results received but not used: invalid or late),
     ``tasks`` (device -> node asked), ``reasons`` (device -> reason of every outcome but ok:
     refused, error, offline, timeout, invalid, late),
-    ``per_device`` (measurements of the valid results), ``aggregation`` (the rule),
-    ``aggregation_ms``, ``round_wall_s``, ``lr``, ``time_unix``.
+    ``per_device`` (measurements of the valid results), ``per_node`` (the same summarised per
+    expert: devices, examples, and min/median/p95/max/sum of ``round_time_ms``, ``round_mem_mb``,
+    ``peak_rss_mb``), ``aggregation`` (the rule), ``aggregation_ms``, ``round_wall_s``, ``lr``,
+    ``time_unix``, and ``bytes_out``/``bytes_in`` (payload bytes of the tasks sent and the
+    results received) when given.
+
+    Above :data:`DETAIL_LIMIT` asked devices the row is compact (``detail: "summary"``):
+    ``per_device`` is empty (``per_node`` has the figures) and, when every device was asked for
+    the same expert, ``tasks`` is empty too (``nodes`` names it); ``outcomes``, ``reasons`` and
+    ``rejected`` stay complete.
     """
     ok = sorted((p for p in pending if p.outcome == "ok"), key=lambda p: p.device_id)
     nodes = {int(p.node) for p in pending}
+    compact = len(pending) > DETAIL_LIMIT
+    extra = {"bytes_out": int(bytes_out), "bytes_in": int(bytes_in)} if bytes_out is not None else {}
+    if compact:
+        extra["detail"] = "summary"
     return {
         "round": rnd,
         "kind": kind,
@@ -450,17 +536,42 @@ def metrics_row(rnd: int, kind: str, tree: Hierarchy, pending: list[Pending], up
         "devices_answered": len(ok),
         "outcomes": {p.device_id: p.outcome for p in pending},
         "rejected": {p.device_id: p.reason for p in pending if p.outcome in ("invalid", "late")},
-        "tasks": {p.device_id: int(p.node) for p in pending},
+        "tasks": {} if compact and len(nodes) == 1 else {p.device_id: int(p.node) for p in pending},
         "reasons": {p.device_id: p.reason for p in pending if p.outcome != "ok" and p.reason},
         "per_device": [
             {"device": p.device_id, "node": p.node, "num_examples": p.result.num_examples,
              "round_time_ms": p.result.round_time_ms, "round_mem_mb": p.result.round_mem_mb,
              "peak_rss_mb": p.result.peak_rss_mb, "loss": p.result.loss}
             for p in ok
-        ],
+        ] if not compact else [],
+        "per_node": per_node_summary(ok),
         "aggregation": aggregation,
         "aggregation_ms": aggregation_ms,
         "round_wall_s": round_wall_s,
         "lr": lr,
         "time_unix": time_unix,
+        **extra,
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"min": float(v.min()), "median": float(np.median(v)), "p95": float(np.percentile(v, 95)),
+            "max": float(v.max()), "sum": float(v.sum())}
+
+
+def per_node_summary(ok: Iterable[Pending]) -> dict[str, dict]:
+    """``{"<node>": {devices, num_examples, round_time_ms, round_mem_mb, peak_rss_mb, loss}}`` of valid
+    results: statistics (min/median/p95/max/sum) per measurement, the mean loss."""
+    by_node: dict[int, list] = {}
+    for p in ok:
+        if p.result is not None:
+            by_node.setdefault(int(p.node), []).append(p.result)
+    return {
+        str(n): {"devices": len(rs), "num_examples": int(sum(r.num_examples for r in rs)),
+                 "round_time_ms": _stats([r.round_time_ms for r in rs]),
+                 "round_mem_mb": _stats([r.round_mem_mb for r in rs]),
+                 "peak_rss_mb": _stats([r.peak_rss_mb for r in rs]),
+                 "loss": float(sum(r.loss for r in rs) / len(rs))}
+        for n, rs in sorted(by_node.items())
     }

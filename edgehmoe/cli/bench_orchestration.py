@@ -65,13 +65,13 @@ def _fmt(v, spec: str = ".0f") -> str:
 
 
 def print_table(runs: list[dict], out=sys.stdout) -> None:
-    head = (f"{'devices':>7} {'clients':>7} {'median ms':>10} {'p95 ms':>9} {'overhead':>9} {'server MB':>9} "
+    head = (f"{'devices':>7} {'clients':>7} {'median ms':>10} {'p95 ms':>9} {'overhead':>9} {'srv CPU':>8} {'server MB':>9} "
             f"{'broker MB':>9} {'MB/round':>9} {'Flower ms':>10} {'x faster':>8} {'load':>5}")
     print(head, file=out)
     for r in runs:
         bpr = r["bytes_per_round"] / 1e6 if r["bytes_per_round"] is not None else None
         print(f"{r['devices']:>7} {r['clients']:>7} {_fmt(r['median_round_ms']):>10} {_fmt(r['p95_round_ms']):>9} "
-              f"{_fmt(r['overhead_ms']):>9} {_fmt(r['server_peak_rss_mb']):>9} {_fmt(r['broker_peak_rss_mb'], '.1f'):>9} "
+              f"{_fmt(r['overhead_ms']):>9} {_fmt(r.get('server_cpu_ms_per_round')):>8} {_fmt(r['server_peak_rss_mb']):>9} {_fmt(r['broker_peak_rss_mb'], '.1f'):>9} "
               f"{_fmt(bpr, '.1f'):>9} {_fmt(r['flower_median_round_ms']):>10} {_fmt(r['speedup_vs_flower'], '.1f'):>8} "
               f"{_fmt(r['loadavg_after'][0] if r['loadavg_after'] else None, '.1f'):>5}", file=out, flush=True)
 

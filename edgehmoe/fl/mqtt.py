@@ -780,6 +780,14 @@ class MqttConnection:
             self._connected = False
             self._cond.notify_all()
 
+    def unacked(self) -> int:
+        """QoS 1/2 messages published and not yet acknowledged by the broker (queued or in flight).
+
+        Lets a publisher of many messages keep going without a round trip per message while it
+        bounds what waits in memory (the server publishing a round's tasks, issue #12).
+        """
+        return len(self._client._out_messages)
+
     def drop_link(self) -> None:
         """Cut the TCP connection without a DISCONNECT, as a power cut or a Wi-Fi loss would.
 

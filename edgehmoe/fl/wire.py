@@ -32,7 +32,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Type, TypeVar, Union
 
 import numpy as np
 
@@ -59,6 +59,7 @@ __all__ = [
     "check_id",
     "encode",
     "encode_many",
+    "iter_encode",
     "decode",
 ]
 
@@ -448,12 +449,21 @@ def encode(msg: Message) -> bytes:
     return save(tensors, metadata=metadata)
 
 
-def _array_fields(msg: Message) -> tuple:
-    return tuple(id(getattr(msg, name)) for name, kind in _SCHEMA[type(msg).__name__].items()
+def _array_values(msg: Message) -> tuple:
+    return tuple(getattr(msg, name) for name, kind in _SCHEMA[type(msg).__name__].items()
                  if kind not in _SCALAR_KINDS)
 
 
+def _array_fields(msg: Message) -> tuple:
+    return tuple(id(v) for v in _array_values(msg))
+
+
 def encode_many(msgs: "Sequence[Message]") -> "List[bytes]":
+    """:func:`iter_encode`, as a list."""
+    return list(iter_encode(msgs))
+
+
+def iter_encode(msgs: "Iterable[Message]") -> "Iterator[bytes]":
     """:func:`encode` each message; messages whose array fields are the very same objects (``is``)
     as an earlier one's share its serialised tensors, and only their header is built again.
 
@@ -461,11 +471,11 @@ def encode_many(msgs: "Sequence[Message]") -> "List[bytes]":
     the same expert's weights and label map: encoding them once instead of a thousand times is
     what keeps publishing a round's tasks cheap. The bytes are a valid payload like any other
     (:func:`decode` returns the same message as for :func:`encode`); the arrays must not be
-    changed while this runs.
+    changed while this runs. A generator: one payload at a time, so a thousand tasks need not
+    be held in memory together.
     """
     import struct
 
-    out: List[bytes] = []
     shared: Dict[tuple, tuple] = {}  # (type, ids of the array fields) -> (tensor entries, data bytes)
     for msg in msgs:
         key = (type(msg), _array_fields(msg)) if type(msg) in MESSAGE_TYPES.values() else None
@@ -475,16 +485,15 @@ def encode_many(msgs: "Sequence[Message]") -> "List[bytes]":
             (n,) = _HEADER_LEN.unpack_from(blob, 0)
             entries = json.loads(blob[_HEADER_LEN.size:_HEADER_LEN.size + n])
             entries.pop("__metadata__", None)
-            if key is not None:
-                shared[key] = (entries, blob[_HEADER_LEN.size + n:])
-            out.append(blob)
+            if key is not None:  # the arrays are kept referenced: their ids stay theirs
+                shared[key] = (entries, blob[_HEADER_LEN.size + n:], _array_values(msg))
+            yield blob
             continue
         metadata, _ = _encode_parts(msg, with_arrays=False)
-        entries, data = hit
+        entries, data, _ = hit
         header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode("utf-8")
         header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-        out.append(struct.pack("<Q", len(header)) + header + data)
-    return out
+        yield struct.pack("<Q", len(header)) + header + data
 
 
 # --------------------------------------------------------------------------------------------
