@@ -56,7 +56,7 @@ class BrokerSection:
     username: str = ""  # the server's broker account ("" = anonymous)
     password_file: str = ""  # file holding the password
     cafile: str = ""  # CA certificate for TLS (mqtts://)
-    client_id: str = ""  # default edgehmoe-server-<run>
+    client_id: str = ""  # default: the broker user name (the broker binds ids to user names), else edgehmoe-server-<run>
 
 
 @dataclass

@@ -146,7 +146,7 @@ def connect_mqtt(url: str, run: str, *, username: str = "", password: str | None
     from edgehmoe.fl.mqtt import MqttConnection
 
     conn = MqttConnection.from_url(
-        url, client_id=client_id or f"edgehmoe-server-{run}", username=username or None, password=password,
+        url, client_id=client_id or username or f"edgehmoe-server-{run}", username=username or None, password=password,
         cafile=cafile or None, session_expiry_s=3600,
     )
     conn.connect(timeout=timeout)
