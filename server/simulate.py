@@ -76,7 +76,9 @@ def _start_broker(out: Path, device_ids: list[str]):
 
     cred_dir = out / "broker" / "credentials"
     cred_dir.mkdir(parents=True, exist_ok=True)
-    broker = MosquittoBroker(auth=True, run_dir=out / "broker")
+    # runs=[]: the ACL admits no run until add_run, so each phase's devices can publish only
+    # under that phase's run (docs/security.md)
+    broker = MosquittoBroker(auth=True, run_dir=out / "broker", runs=[])
     files = {}
     for user in ["edgehmoe-server", *device_ids]:
         pw = secrets.token_urlsafe(16)
@@ -201,6 +203,8 @@ def simulate(
                                    min_devices=clients)
             cfg.train, cfg.eval = base.train, base.eval
             cfg.validate()
+            if broker is not None:
+                broker.add_run(cfg.run.name)
             procs = _launch_clients(url, cfg.run.name, shards, device_ids, creds, out, threads_per_client,
                                     memory_budget_mb)
             try:
