@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgehmoe.core.kinds import FLAT, HMOE
 from edgehmoe.errors import EdgeHmoeError
 
 if sys.version_info >= (3, 11):
@@ -61,7 +62,7 @@ class BrokerSection:
 
 @dataclass
 class ModelSection:
-    kind: str = "hmoe"  # hmoe | flat
+    kind: str = HMOE  # hmoe | flat
     flat_width: int = 32  # width of the flat model; experts are sized relative to it
     expert_width: int = 0  # 0 = size each expert to its node (flat_width * sqrt(k / L))
     root_width: int = 0  # 0 = sized like the other experts
@@ -135,7 +136,7 @@ class RunConfig:
                 raise ConfigError(msg)
 
         need(bool(ID_PATTERN.fullmatch(self.run.name)), f"run.name {self.run.name!r}: use letters, digits, '-', '_', '.'")
-        need(self.model.kind in ("hmoe", "flat"), f"model.kind must be 'hmoe' or 'flat', not {self.model.kind!r}")
+        need(self.model.kind in (HMOE, FLAT), f"model.kind must be 'hmoe' or 'flat', not {self.model.kind!r}")
         need(self.schedule.mode in ("paper", "parallel"), f"schedule.mode must be 'paper' or 'parallel', not {self.schedule.mode!r}")
         need(self.schedule.weighting in ("data", "sqrt", "uniform"), "schedule.weighting must be 'data', 'sqrt' or 'uniform'")
         need(self.schedule.rounds >= 1, "schedule.rounds must be >= 1")

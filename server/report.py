@@ -14,6 +14,8 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from edgehmoe.core.kinds import FLAT, HMOE
+
 __all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label"]
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             break
     if flat is not None:
         costs = per_node_costs(flat["rows"]).get(-1, {})
-        s["flat"] = {
+        s[FLAT] = {
             "info_f1": flat["metrics"]["info_f1"],
             "top1": flat["metrics"]["top1"],
             "round_time_ms": costs.get("round_time_ms", float("nan")),
@@ -142,7 +144,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
                 "peak_rss_mb": c["peak_rss_mb"] if c else None,
                 "device_rounds": c["device_rounds"] if c else 0,
             })
-        s["hmoe"] = {
+        s[HMOE] = {
             "info_f1": hmoe["metrics"]["info_f1"],
             "top1": hmoe["metrics"]["top1"],
             "info_f1_beam2": hmoe.get("metrics_beam2", {}).get("info_f1"),
@@ -157,9 +159,9 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
         # Equal total client compute: flat's validation info-F1 interpolated (linearly in
         # cumulative client time, between its evaluated rounds; from 0 compute = no skill)
         # at what the whole HMoE run spent. Extrapolation is not attempted.
-        curve = s["flat"]["val_curve"]
+        curve = s[FLAT]["val_curve"]
         if curve:
-            target = s["hmoe"]["total_client_ms"]
+            target = s[HMOE]["total_client_ms"]
             cums = [0.0] + [c[1] for c in curve]
             f1s = [0.0] + [c[2] for c in curve]
             r, cum, _ = min(curve, key=lambda c: abs(c[1] - target))
@@ -169,7 +171,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
                 "flat_total_client_ms": cum,
                 "flat_val_info_f1": float(np.interp(target, cums, f1s)) if target <= cums[-1] else None,
                 "flat_val_info_f1_nearest_round": next(c[2] for c in curve if c[0] == r),
-                "hmoe_val_info_f1": s["hmoe"]["val_curve"][-1][2] if s["hmoe"]["val_curve"] else None,
+                "hmoe_val_info_f1": s[HMOE]["val_curve"][-1][2] if s[HMOE]["val_curve"] else None,
             }
     return s
 
@@ -186,7 +188,7 @@ def _num(v, fmt="{:.1f}") -> str:
 
 def format_table(s: dict) -> str:
     """The seed paper's Table 1 for this run (plus median and root rows)."""
-    flat = s.get("flat", {})
+    flat = s.get(FLAT, {})
     ft, fm = flat.get("round_time_ms"), flat.get("round_mem_mb")
     split = s.get("heldout_split", "n/a")
     if s.get("heldout_description"):
@@ -197,7 +199,7 @@ def format_table(s: dict) -> str:
     ]
     if flat:
         lines.append(f"{'Flat softmax':<22}{flat['info_f1']:>9.4f}{_num(ft):>15}{'100%':>8}{_num(fm):>14}{'100%':>8}{flat['params']:>10}")
-    h = s.get("hmoe")
+    h = s.get(HMOE)
     if h:
         lines.append(f"{'HMoE greedy':<22}{h['info_f1']:>9.4f}{'':>15}{'':>8}{'':>14}{'':>8}{h['params_total']:>10}")
         if h.get("info_f1_beam2") is not None:
@@ -264,7 +266,7 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = dataset_label(s["dataset"])
     paths = []
-    curves = [(kind, style, s.get(kind, {}).get("val_curve") or []) for kind, style in (("flat", "o-"), ("hmoe", "s-"))]
+    curves = [(kind, style, s.get(kind, {}).get("val_curve") or []) for kind, style in ((FLAT, "o-"), (HMOE, "s-"))]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style, curve in curves:
         if curve:
@@ -282,8 +284,8 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
     for kind, style, curve in curves:
         if curve:
             ax.plot([c[1] / 1000.0 for c in curve], [c[2] for c in curve], style, label=kind)
-    hmoe_total = s.get("hmoe", {}).get("total_client_ms")
-    if s.get("flat") and hmoe_total:
+    hmoe_total = s.get(HMOE, {}).get("total_client_ms")
+    if s.get(FLAT) and hmoe_total:
         ax.axvline(hmoe_total / 1000.0, color="gray", ls=":", label="HMoE's total")
     ax.set_xlabel("cumulative client compute (s of device training, summed)")
     ax.set_ylabel("validation info-F1")
@@ -291,7 +293,7 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out_dir / "info_f1_per_client_compute.png"))
-    h = s.get("hmoe")
+    h = s.get(HMOE)
     if h:
         trained = [e for e in h["experts"] if e["round_time_ms"] is not None]
         if trained:
@@ -300,9 +302,9 @@ def plot_run(s: dict, out_dir: Path) -> list[Path]:
                                    (axes[1], "round_mem_mb", "memory / round (MB)")):
                 es = sorted(trained, key=lambda e: -e[key])
                 ax.bar(range(len(es)), [e[key] for e in es], color="tab:blue", label="experts")
-                ref = s.get("flat", {}).get(key)
+                ref = s.get(FLAT, {}).get(key)
                 if ref is not None and np.isfinite(ref):
-                    ax.axhline(ref, color="tab:red", ls="--", label="flat")
+                    ax.axhline(ref, color="tab:red", ls="--", label=FLAT)
                 if len(es) <= 30:
                     ax.set_xticks(range(len(es)))
                     ax.set_xticklabels([e["name"][:14] for e in es], rotation=70, fontsize=7)

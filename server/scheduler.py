@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgehmoe.core import kinds
 from edgehmoe.core.hierarchy import Hierarchy
 from edgehmoe.errors import UsageError
 
@@ -55,7 +56,7 @@ class Scheduler:
         memory_need_mb: dict[int, float] | None = None,
         credits: dict[int, float] | None = None,
     ):
-        if kind not in ("hmoe", "flat"):
+        if kind not in kinds.KINDS:
             raise UsageError(f"kind must be hmoe or flat, got {kind!r}")
         if mode not in ("paper", "parallel"):
             raise UsageError(f"mode must be paper or parallel, got {mode!r}")
@@ -65,7 +66,7 @@ class Scheduler:
         self.kind = kind
         self.mode = mode
         self.weighting = weighting
-        self.nodes = [FLAT] if kind == "flat" else [int(n) for n in tree.internal_nodes]
+        self.nodes = [FLAT] if kind == kinds.FLAT else [int(n) for n in tree.internal_nodes]
         self.memory_need_mb = memory_need_mb or {}
         self.credits = {n: float((credits or {}).get(n, 0.0)) for n in self.nodes}
         # samples-under-node matrix: under[node, class] (bool) for fast per-device counting
@@ -114,7 +115,7 @@ class Scheduler:
         for d in devices:
             c = np.asarray(d.class_counts, dtype=np.float64)
             has_data[d.device_id] = {n for n in self.nodes if c[self._under[n]].sum() > 0 and self._fits(d, n)}
-        if self.kind == "flat" or self.mode == "paper":
+        if self.kind == kinds.FLAT or self.mode == "paper":
             eligible = [n for n in self.nodes if weights[n] > 0 and any(n in has_data[d.device_id] for d in devices)]
             if not eligible:
                 return {}

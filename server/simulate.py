@@ -34,6 +34,8 @@ import numpy as np
 from edgehmoe.server.config import RunConfig
 from edgehmoe.server.report import build_summary, format_table, load_rows, plot_run
 
+from edgehmoe.core.kinds import FLAT, HMOE
+
 __all__ = ["simulate", "heldout_split", "describe_heldout"]
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def _merge_model_dir(out: Path, phases: dict[str, Path]) -> None:
         md = read_model_dir(d)
         if merged is None:
             merged = replace(md, path=out, experts={}, flat=None, extra={"phases": {k: str(v) for k, v in phases.items()}})
-        if kind == "hmoe":
+        if kind == HMOE:
             for n, e in md.experts.items():
                 (out / "experts").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(d / e.file, out / f"experts/{n}.safetensors")
@@ -181,7 +183,7 @@ def simulate(
     out.mkdir(parents=True)
     base = base or RunConfig()
     seed = base.run.seed
-    kinds = {"both": ["hmoe", "flat"], "hmoe": ["hmoe"], "flat": ["flat"]}[model]
+    kinds = {"both": [HMOE, FLAT], HMOE: [HMOE], FLAT: [FLAT]}[model]
     t0 = time.time()
     train = load_dataset(dataset, "train", val_fraction=base.run.val_fraction, seed=seed)
     shards = write_shards(train, make_partitioner(partition, clients, seed), out / "shards")
@@ -199,7 +201,7 @@ def simulate(
             cfg.broker = replace(base.broker, url=url, username="edgehmoe-server" if creds else "",
                                  password_file=str(creds["edgehmoe-server"]) if creds else "")
             cfg.model = replace(base.model, kind=kind)
-            cfg.schedule = replace(base.schedule, rounds=(flat_rounds or rounds) if kind == "flat" else rounds,
+            cfg.schedule = replace(base.schedule, rounds=(flat_rounds or rounds) if kind == FLAT else rounds,
                                    min_devices=clients)
             cfg.train, cfg.eval = base.train, base.eval
             cfg.validate()
@@ -229,10 +231,10 @@ def simulate(
     test = load_dataset(dataset, split, val_fraction=base.run.val_fraction, seed=seed)
     results = _evaluate_phases(phases, test, split, describe_heldout(dataset, split, base.run.val_fraction, seed))
     _merge_model_dir(out, phases)
-    summary = build_summary(dataset, rounds, clients, results.get("hmoe"), results.get("flat"))
+    summary = build_summary(dataset, rounds, clients, results.get(HMOE), results.get(FLAT))
     summary["partition"] = partition
     summary["wall_seconds"] = round(time.time() - t0, 1)
-    if export and "hmoe" not in phases:
+    if export and HMOE not in phases:
         # A bundle is the expert chain (the flat model travels beside it); there is none here.
         summary["bundle"] = None
         print_fn("[simulate] no ONNX bundle exported: a bundle is the HMoE expert chain (the flat model goes "
@@ -260,12 +262,12 @@ def _evaluate_phases(phases: dict[str, Path], test, split: str, description: str
     for kind, d in phases.items():
         hm, fm, md = load_models(d)
         entry = {"rows": load_rows(d), "tree": md.hierarchy, "heldout_split": split, "heldout_description": description}
-        if kind == "hmoe":
-            entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which="hmoe")
-            entry["metrics_beam2"] = evaluate_models(hm, fm, test.x, test.y, which="hmoe", beam=2)
+        if kind == HMOE:
+            entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which=HMOE)
+            entry["metrics_beam2"] = evaluate_models(hm, fm, test.x, test.y, which=HMOE, beam=2)
             entry["params"] = {n: e.params for n, e in md.experts.items()}
         else:
-            entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which="flat")
+            entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which=FLAT)
             entry["params"] = md.flat.params
         results[kind] = entry
     return results

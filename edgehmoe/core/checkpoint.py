@@ -26,6 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.core.kinds import FLAT, HMOE
 from edgehmoe.errors import EdgeHmoeError
 
 __all__ = [
@@ -101,9 +102,9 @@ class ModelDir:
     def to_json(self) -> dict:
         models: dict = {}
         if self.experts:
-            models["hmoe"] = {"experts": {str(k): vars(v) for k, v in sorted(self.experts.items())}}
+            models[HMOE] = {"experts": {str(k): vars(v) for k, v in sorted(self.experts.items())}}
         if self.flat is not None:
-            models["flat"] = vars(self.flat)
+            models[FLAT] = vars(self.flat)
         return {
             "format": "edgehmoe-model",
             "format_version": FORMAT_VERSION,
@@ -127,8 +128,8 @@ class ModelDir:
 
     def write_flat(self, arch: dict, arrays: dict[str, np.ndarray], params: int) -> None:
         rel = "flat.safetensors"
-        atomic_write_bytes(self.path / rel, save(contiguous_arrays(arrays), metadata={"node": "flat"}))
-        self.flat = NetworkEntry(arch=arch, file=rel, name="flat", params=params)
+        atomic_write_bytes(self.path / rel, save(contiguous_arrays(arrays), metadata={"node": FLAT}))
+        self.flat = NetworkEntry(arch=arch, file=rel, name=FLAT, params=params)
 
     # ------------------------------------------------------------ reading
     def load_weights(self, entry: NetworkEntry) -> dict[str, np.ndarray]:
@@ -142,7 +143,7 @@ class ModelDir:
 
     @property
     def kinds(self) -> list[str]:
-        return (["hmoe"] if self.experts else []) + (["flat"] if self.flat is not None else [])
+        return ([HMOE] if self.experts else []) + ([FLAT] if self.flat is not None else [])
 
 
 def contiguous_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -174,9 +175,9 @@ def read_model_dir(path: str | Path) -> ModelDir:
         tree = Hierarchy.from_dict(d["hierarchy"])
         models = d.get("models", {})
         experts = {
-            int(k): NetworkEntry(**v) for k, v in models.get("hmoe", {}).get("experts", {}).items()
+            int(k): NetworkEntry(**v) for k, v in models.get(HMOE, {}).get("experts", {}).items()
         }
-        flat = NetworkEntry(**models["flat"]) if "flat" in models else None
+        flat = NetworkEntry(**models[FLAT]) if FLAT in models else None
         md = ModelDir(
             path=path,
             hierarchy=tree,

@@ -18,12 +18,13 @@ import numpy as np
 
 from edgehmoe.core import routing
 from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.core.kinds import FLAT, HMOE
 from edgehmoe.core.metrics import evaluate
 from edgehmoe.errors import UsageError
 
 __all__ = ["MODEL_CHOICES", "decode_batches", "evaluate_decoded", "resolve_model"]
 
-MODEL_CHOICES = ("auto", "hmoe", "flat")
+MODEL_CHOICES = ("auto", HMOE, FLAT)
 
 # probs(x_batch) -> routing.ExpertProbs for "hmoe", (len(x_batch), num_classes) for "flat".
 ProbsFn = Callable[[np.ndarray], Any]
@@ -38,10 +39,10 @@ def resolve_model(which: str, *, has_hmoe: bool = True, has_flat: bool = True, s
     if which not in MODEL_CHOICES:
         raise UsageError(f"unknown model {which!r}; valid: {', '.join(MODEL_CHOICES)}")
     if which == "auto":
-        which = "hmoe" if has_hmoe else "flat"
-    if which == "hmoe" and not has_hmoe:
+        which = HMOE if has_hmoe else FLAT
+    if which == HMOE and not has_hmoe:
         raise UsageError(f"this {source} has no hierarchical model; use --model flat")
-    if which == "flat" and not has_flat:
+    if which == FLAT and not has_flat:
         raise UsageError(f"this {source} has no flat model; use --model hmoe")
     return which
 
@@ -62,14 +63,14 @@ def decode_batches(
     :mod:`edgehmoe.core.routing` over ``xb``) or ``flat`` (``probs(xb)`` returns the leaf
     softmax ``(len(xb), num_classes)``; ``beam`` does not apply).
     """
-    if model not in ("hmoe", "flat"):
+    if model not in (HMOE, FLAT):
         raise UsageError(f"unknown model {model!r}; valid: hmoe, flat")
     routing.check_decode(beam, threshold)
     step = len(x) if batch_size is None else int(batch_size)
     preds = []
     for i in range(0, len(x), max(step, 1)):
         xb = x[i : i + step]
-        if model == "hmoe":
+        if model == HMOE:
             nodes, _ = routing.decode(tree, len(xb), probs(xb), beam=beam, threshold=threshold)
         else:
             nodes, _ = routing.flat_decode(tree, probs(xb), threshold)
@@ -96,7 +97,7 @@ def evaluate_decoded(
     pred = decode_batches(tree, x, model, probs, beam=beam, threshold=threshold, batch_size=batch_size)
     out = evaluate(tree, y, pred)
     out["model"] = model
-    out["beam"] = beam if model == "hmoe" else 1
+    out["beam"] = beam if model == HMOE else 1
     if threshold is not None:
         out["threshold"] = threshold
     return out
