@@ -128,11 +128,15 @@ class _Sampler:
         except Exception:  # noqa: BLE001 - gone
             return None
 
-    def _rss(self, pid: int) -> float | None:
+    def _rss(self, pid: int, children: bool = False) -> float | None:
         try:
             import psutil
 
-            return psutil.Process(pid).memory_info().rss / 2**20
+            p = psutil.Process(pid)
+            total = p.memory_info().rss
+            for c in p.children(recursive=True) if children else ():
+                total += c.memory_info().rss
+            return total / 2**20
         except Exception:  # noqa: BLE001 - gone
             return None
 
@@ -141,7 +145,8 @@ class _Sampler:
 
         while not self._stop.wait(self.interval):
             for name, pid in list(self.pids.items()):
-                v = process_mem_mb(pid) if name == "server" else self._rss(pid)  # server: also its VmHWM
+                # server: also its VmHWM; the fleet: with its worker processes
+                v = process_mem_mb(pid) if name == "server" else self._rss(pid, children=name == "fleet")
                 if v is not None:
                     self.peak[name] = max(self.peak.get(name, 0.0), v)
                 c = self._cpu(pid)
@@ -211,7 +216,7 @@ class CaseResult:
             "devices": self.devices,
             "clients": self.clients,
             "model": self.model,
-            "params": self.params,
+            "params": self.params,  # of the largest network
             "rounds": len(self.rows),
             "train_ms": self.train_ms,
             **st,
@@ -219,6 +224,7 @@ class CaseResult:
             "broker_peak_rss_mb": self.broker_peak_rss_mb,
             "clients_peak_rss_mb": self.clients_peak_rss_mb,
             "server_rss_first_last_mb": [rss[0], rss[-1]] if rss else None,
+            "server_rss_by_round_mb": [round(v, 1) for v in rss],
             "bytes_per_round": bpr,
             "bytes_source": bytes_source,
             "server_cpu_ms_per_round": percentile(per_round, 50) * 1000 if per_round else None,
@@ -306,7 +312,10 @@ def _params(run_dir: Path) -> int:
         m = json.loads((run_dir / "model.json").read_text())
     except (OSError, ValueError):
         return 0
-    nets = list((m.get("experts") or {}).values()) + ([m["flat"]] if m.get("flat") else [])
+    models = m.get("models") or {}
+    nets = list(((models.get("hmoe") or {}).get("experts") or {}).values())
+    if models.get("flat"):
+        nets.append(models["flat"])
     return max((int(e.get("params", 0)) for e in nets), default=0)
 
 

@@ -365,3 +365,15 @@ def test_bench_cli_prints_the_table_and_writes_json(tmp_path):
     # per round each device gets one task and sends one result of ~4 bytes per parameter
     assert 2 * 3 * 4 * 106_404 < run["bytes_per_round"] < 1.3 * 2 * 3 * 4 * 106_404
     assert run["flower_median_round_ms"] is None and len(run["loadavg_after"]) == 3
+
+
+def test_fleet_help_says_it_measures_orchestration_not_learning(capsys):
+    from edgehmoe.cli.fleet import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "It measures ORCHESTRATION" in out and "NOT LEARNING: no training happens" in out
+    assert main(["--broker", "mqtt://127.0.0.1:1", "--devices", "0"]) == 2  # bad input: exit 2
+    assert "--devices must be >= 1" in capsys.readouterr().err

@@ -31,6 +31,10 @@ broker peak RSS, bytes on the wire per round, and the ratio to Flower 1.42 on th
 and checks every committed round."""
 
 
+#: Rounds with real edgehmoe-client processes (each starts torch: ~1 GB and seconds each).
+REAL_ROUNDS = 10
+
+
 def rounds_for(n: int) -> int:
     """Rounds per case: 20 (as Flower's reference) up to 128 devices, fewer above."""
     return 20 if n <= 128 else 10 if n <= 512 else 8
@@ -42,7 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="4,16,32,128,512,1000", help="comma-separated device counts")
     p.add_argument("--real-max", type=int, default=16,
                    help="also run real edgehmoe-client processes for N up to this (0 = never; default 16)")
-    p.add_argument("--rounds", type=int, default=0, help="rounds per case (default: 20, 10 above 128, 8 above 512)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="rounds per case (default: 20, 10 above 128, 8 above 512; 10 with real clients)")
     p.add_argument("--model", choices=["flat", "hmoe"], default="flat",
                    help="flat: one 106k-parameter network (as Flower's 100k reference); hmoe: CIFAR-100-size "
                         "experts (root 25k, others 6k parameters)")
@@ -95,7 +100,8 @@ def _bench(args) -> int:
           f"load average {os.getloadavg()[0]:.1f}, work dir {work}", flush=True)
     try:
         for n, kind in cases:
-            res = run_case(n, clients=kind, rounds=args.rounds or rounds_for(n), model=args.model,
+            rounds = args.rounds or (REAL_ROUNDS if kind == "real" else rounds_for(n))
+            res = run_case(n, clients=kind, rounds=rounds, model=args.model,
                            train_ms=args.train_ms, work_dir=work, round_timeout_s=args.round_timeout)
             runs.append(res.to_json())
             print(f"  {n} devices ({kind}): median {runs[-1]['median_round_ms']:.0f} ms, overhead "

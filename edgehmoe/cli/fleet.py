@@ -35,7 +35,8 @@ real or synthetic partition), persistent session and last will, speaking the rea
 to a real aggregation server. It measures ORCHESTRATION (server, broker, wire, validation,
 aggregation, commit), NOT LEARNING: no training happens; after --train-ms each device sends the
 weights it received plus a small perturbation, with num_examples = its samples under the node.
-Torch is not imported (a thousand devices fit in a few hundred MB). Optional faults for soak
+Torch is not imported (1,000 devices: 430 MB with CIFAR-size experts, where one real client
+takes ~1 GB). Optional faults for soak
 tests: a --churn fraction of devices answer late, drop their link, leave and come back, send
 garbage or duplicates (--faults)."""
 

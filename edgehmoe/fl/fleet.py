@@ -7,8 +7,9 @@ real or synthetic partition, and answers each :class:`~edgehmoe.fl.wire.TrainTas
 wire protocol, so the server runs its real decode, validation, aggregation and commit. Only the
 training is replaced: after a configurable delay the device sends :func:`derive_update` of the
 weights it received (a small perturbation, relative norm ``rel``, in the task's dtypes) with
-``num_examples`` = its samples under the task's node. No torch is imported: a thousand devices
-fit in a few hundred MB instead of ~1 GB each.
+``num_examples`` = its samples under the task's node. No torch is imported: 1,000 devices take
+430 MB (CIFAR-size experts) to 870 MB (a 100k-parameter model) in 4 processes, where one real
+client takes ~1 GB.
 
 Per device and task the same messages as ``edgehmoe-client`` go out: ``busy`` status, result,
 ``idle`` status. A task delivered twice (QoS 1, reconnect) is answered again with the same result.
