@@ -61,7 +61,7 @@ class Federation:
         cfg.schedule.rounds = rounds
         cfg.schedule.min_devices = len(self.devices)
         cfg.schedule.round_timeout_s = schedule.pop("round_timeout_s", 60.0)
-        cfg.schedule.wait_for_devices_s = 60.0
+        cfg.schedule.wait_for_devices_s = 180.0  # a ceiling: client start-up (torch import) is slow on a loaded machine
         for k, v in schedule.items():
             setattr(cfg.schedule, k, v)
         cfg.train.batch_size = 16
