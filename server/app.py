@@ -91,6 +91,7 @@ class AggregationServer:
         self.scheduler: Scheduler | None = None
         self.runner: RoundRunner | None = None  # set by connect()
         self._label_maps: dict[int, np.ndarray] = {}  # node -> label map sent with its tasks
+        self._nobody = False  # the last run_round found no online device to ask
 
     # ------------------------------------------------------------------ views
     @property
@@ -236,6 +237,17 @@ class AggregationServer:
                 f"{self.cfg.schedule.wait_for_devices_s:.0f} s; start more clients or lower min_devices"
             )
 
+    def _wait_for_any_device(self) -> None:
+        """Handle messages until a device is online; :class:`RunError` after ``schedule.wait_for_devices_s``."""
+        end = time.monotonic() + self.cfg.schedule.wait_for_devices_s
+        while not self.stop.is_set():
+            self._pump(0.5)
+            if self.registry.views():
+                return
+            if time.monotonic() > end:
+                raise RunError(f"round {self.round}: no device online for {self.cfg.schedule.wait_for_devices_s:.0f} s "
+                               "(schedule.wait_for_devices_s); start clients, or check the broker")
+
     def _task(self, rnd: int, dev_id: str, node: int, lr: float, deadline: float) -> wire.TrainTask:
         cfg = self.cfg
         # One array per node, so the tasks of a round share it (wire.iter_encode encodes it once).
@@ -261,6 +273,7 @@ class AggregationServer:
                                    np.random.default_rng(cfg.run.seed + rnd))
         if not plan:
             logger.warning("round %d: no online device holds data for any expert; waiting", rnd)
+            self._nobody = True
             return None
         lr = self._lr(rnd)
         t_pub = self.clock()
@@ -341,7 +354,13 @@ class AggregationServer:
             self.wait_for_devices()
             failures = 0
             while self.round < self.cfg.schedule.rounds and not self.stop.is_set():
+                self._nobody = False
                 row = self.run_round()
+                if row is None and self._nobody and not self.registry.views():
+                    # Nobody online (e.g. every device dropped with a broker restart and is
+                    # reconnecting): wait for devices as at the start; not a failed round.
+                    self._wait_for_any_device()
+                    continue
                 if row is None:
                     failures += 1
                     if failures > self.cfg.schedule.retries + 2:

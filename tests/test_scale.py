@@ -205,3 +205,38 @@ def test_metrics_rows_stay_small_at_1000_devices():
                                    "p95": float(np.percentile(times, 95)), "max": 1098.0, "sum": float(times.sum())}
     size_big, size_full = len(json.dumps(big)), len(json.dumps(small)) / 10 * 1000
     assert size_big < 40_000 < size_full  # ~200 KB per row before
+
+
+def test_a_run_waits_for_its_devices_when_all_dropped(tmp_path):
+    """Every device goes offline in round 1 (a broker restart fires their wills) and comes back 20
+    fake seconds later. Before #12 the empty rounds counted as failures: RunError after 4."""
+    from test_rounds import TIMEOUT, FakeTransport, const_like, make_server
+
+    class Returning(FakeTransport):
+        back_at = None
+
+        def receive(self, timeout=None):
+            if self.back_at is not None and self.clock.t >= self.back_at:
+                self.back_at = None
+                for dev in ("a", "b"):
+                    self.inbox.put(self.hello(dev))
+                    self.inbox.put(self.status(dev, "idle"))
+            return super().receive(timeout)
+
+    dropped = set()
+
+    def reply(dev, task):
+        if task.round == 1 and dev not in dropped:  # the first attempt of round 1 only
+            dropped.add(dev)
+            fake.back_at = fake.clock.t + 20.0
+            return [fake.status(dev, "offline")]
+        return [fake.result(dev, task, const_like(task.weights, 1.0, 1), 5)]
+
+    server, fake, clock = make_server(tmp_path, reply, ["a", "b"], rounds=3)
+    fake.__class__ = Returning
+    # Execute
+    rows = server.run()
+    # Assert: round 1 was attempted again once the devices were back; nothing lost
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["outcomes"] == {"a": "ok", "b": "ok"} for r in rows)
+    assert TIMEOUT > 20.0
