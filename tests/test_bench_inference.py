@@ -31,9 +31,9 @@ SIZE = 16
 ROW_KEYS = {
     "model", "threads", "options", "interpreter_rss_mb", "baseline_rss_mb", "open_ms", "batches", "malloc_env",
     "rss_mb", "rss_delta_mb", "rss_over_interpreter_mb", "peak_rss_mb", "peak_delta_mb", "live_delta_mb",
-    "sessions_created", "sessions_alive", "variant",
+    "sessions_created", "sessions_alive", "variant", "fused_graphs", "precision",
 }
-BATCH_KEYS = {"p50_ms", "p95_ms", "mean_ms", "cpu_p50_ms", "experts_per_call", "mmacs_per_image"}
+BATCH_KEYS = {"p50_ms", "p95_ms", "mean_ms", "cpu_p50_ms", "experts_per_call", "mmacs_per_image", "session_runs_per_call"}
 CONFIG_KEYS = {"bundle", "threads", "batch_sizes", "repeats", "warmup", "max_sessions", "dataset", "split", "pool",
                "mmap_threshold"}
 

@@ -71,7 +71,7 @@ def test_torch_and_onnxruntime_evaluations_agree(trained):
 def test_greedy_runs_each_expert_once_per_level_and_loads_lazily(trained):
     # Prepare
     _, bundle, xt, _ = trained
-    pred = BundlePredictor(bundle)
+    pred = BundlePredictor(bundle, fused="off")  # the reference chain: one session per expert
     calls: Counter = Counter()
     sizes: list[tuple[int, int]] = []
     original = pred.expert_logits
@@ -97,8 +97,8 @@ def test_greedy_runs_each_expert_once_per_level_and_loads_lazily(trained):
 
 def test_lru_keeps_at_most_max_sessions_alive(trained):
     _, bundle, xt, _ = trained
-    unlimited = BundlePredictor(bundle, max_sessions=0)
-    one = BundlePredictor(bundle, max_sessions=1)
+    unlimited = BundlePredictor(bundle, max_sessions=0, fused="off")
+    one = BundlePredictor(bundle, max_sessions=1, fused="off")
     ref = unlimited.predict_greedy(xt)
     got = one.predict_greedy(xt)
     np.testing.assert_array_equal(got[0], ref[0])
@@ -106,7 +106,7 @@ def test_lru_keeps_at_most_max_sessions_alive(trained):
     assert len(one.loaded_experts) == 1
     assert len(unlimited.loaded_experts) == 4
     # Small batches re-use the cache: predicting twice the same image creates no new session.
-    two = BundlePredictor(bundle, max_sessions=2)
+    two = BundlePredictor(bundle, max_sessions=2, fused="off")
     two.predict_greedy(xt[:1])
     created = two.sessions_created
     two.predict_greedy(xt[:1])
@@ -172,12 +172,20 @@ def test_tampered_and_missing_files_fail_clearly(trained, tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"2\.onnx.*does not match its sha256.*modified or corrupted"):
         BundlePredictor(b)
-    # A file swapped after opening is caught when its session is created.
+    # A file swapped after opening is caught when its session is created: an expert's...
     f.write_bytes((bundle / "experts" / "2.onnx").read_bytes())
-    pred = BundlePredictor(b)
+    pred = BundlePredictor(b, fused="off")
     f.write_bytes((bundle / "experts" / "3.onnx").read_bytes())
     with pytest.raises(BundleError, match="sha256"):
         pred.predict_greedy(xt)
+    # ... or a fused graph's.
+    f.write_bytes((bundle / "experts" / "2.onnx").read_bytes())
+    pred = BundlePredictor(b)
+    g = b / "fused" / "tree.onnx"
+    g.write_bytes(g.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"tree\.onnx \(fused tree graph\) does not match its sha256"):
+        pred.predict_greedy(xt)
+    g.write_bytes((bundle / "fused" / "tree.onnx").read_bytes())
     # A missing file.
     f.unlink()
     with pytest.raises(BundleError, match=r"2\.onnx is missing.*incomplete"):

@@ -42,6 +42,8 @@ def get_args_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="also measure session-option variants (see SWEEP)")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="run workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): big buffers are unmapped when freed")
+    p.add_argument("--chain-options", metavar="JSON", default=None,
+                   help="chain predictor options for every variant, e.g. '{\"fused\": \"off\", \"max_batch\": 8}'")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     add_debug_arg(p)
     # Before edgehmoe.measure.worker existed the workers were started with this flag; kept so
@@ -75,11 +77,19 @@ def _run(args: argparse.Namespace) -> int:
     base = {"bundle": args.bundle, "threads": args.threads, "batch_sizes": batch_sizes, "repeats": args.repeats,
             "warmup": args.warmup, "max_sessions": args.max_sessions, "dataset": args.dataset, "split": args.split,
             "pool": args.pool, "mmap_threshold": args.mmap_threshold}
+    extra = {}
+    if args.chain_options:
+        try:
+            extra = json.loads(args.chain_options)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--chain-options must be a JSON object like '{{\"fused\": \"off\"}}': {e}") from None
+        if not isinstance(extra, dict):
+            raise UsageError("--chain-options must be a JSON object")
     variants = SWEEP if args.sweep else {"default": {}}
     rows = []
     for name, opts in variants.items():
         for model in models:
-            r = run_worker({**base, "model": model, "options": opts})
+            r = run_worker({**base, "model": model, "options": {**opts, **(extra if model == "chain" else {})}})
             r["variant"] = name
             rows.append(r)
             print(f"measured {model} [{name}]", file=sys.stderr)

@@ -3,6 +3,7 @@
 ::
 
     edgehmoe export  --model-dir DIR | --run runs/NAME  --out BUNDLE [--no-flat] [--overwrite]
+                     [--fused path,tree | --no-fused] [--quantize int8 --calibration-data SPEC]
     edgehmoe predict --bundle B IMAGE_OR_NPZ... [--beam K | --threshold TAU] [--json]
     edgehmoe bundle subset --bundle B --keep NODE... --out B2
     edgehmoe bundle verify --bundle B
@@ -161,7 +162,12 @@ def evaluate_bundle(
     if excluded:
         logger.info("left out %d examples whose classes are not in the bundle", excluded)
         x, yb = x[keep], yb[keep]
-    probs = pred_obj.expert_probs if model == "hmoe" else pred_obj.predict_proba
+    if model == "hmoe":
+        # Fused graphs run the greedy descent; beam search leaves it, so it runs expert by expert.
+        def probs(xb):
+            return pred_obj.expert_probs(xb, fused=beam == 1)
+    else:
+        probs = pred_obj.predict_proba
     out = evaluate_decoded(pred_obj.tree, x, yb, model, probs, beam=beam, threshold=threshold, batch_size=batch_size)
     out["bundle"] = str(bundle)
     if excluded:
@@ -170,6 +176,42 @@ def evaluate_bundle(
 
 
 # ---------------------------------------------------------------------- commands
+def _fused_kinds(text: str, off: bool) -> tuple[str, ...]:
+    from edgehmoe.edge.manifest import FUSED_KINDS
+
+    if off:
+        return ()
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in FUSED_KINDS]
+    if bad:
+        raise UsageError(f"--fused takes a comma-separated list of {', '.join(FUSED_KINDS)}; got {bad}")
+    return kinds
+
+
+def _calibration_images(args, model_dir: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``--calibration-size`` images (class-balanced, seeded) of ``--calibration-data``'s
+    training split, after checking that its classes are the model's."""
+    from edgehmoe.core.checkpoint import read_model_dir
+    from edgehmoe.data import load_dataset, parse_spec
+
+    if not args.calibration_data:
+        raise UsageError("--quantize int8 needs --calibration-data SPEC: training images of the model's dataset "
+                         "(e.g. cifar100:PATH/train.npz)")
+    if args.calibration_size < 1:
+        raise UsageError(f"--calibration-size must be >= 1, got {args.calibration_size}")
+    parse_spec(args.calibration_data)  # cheap checks before loading any image
+    tree = read_model_dir(model_dir).hierarchy
+    per_class = -(-args.calibration_size // tree.num_classes)
+    ds = load_dataset(args.calibration_data, args.calibration_split, seed=args.seed, limit_per_class=per_class)
+    if list(ds.class_names) != tree.class_names():
+        raise UsageError(f"--calibration-data {args.calibration_data} does not have the model's classes; give "
+                         "training images of the dataset the model was trained on")
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.permutation(len(ds.x))[: args.calibration_size])
+    source = {"dataset": args.calibration_data, "split": args.calibration_split, "seed": args.seed}
+    return ds.x[idx], ds.y[idx], source
+
+
 def cmd_export(args) -> int:
     from edgehmoe.export.bundle import export_bundle
 
@@ -178,9 +220,17 @@ def cmd_export(args) -> int:
         raise UsageError("give exactly one of --model-dir DIR or --run runs/NAME")
     if args.sign_key and not Path(args.sign_key).is_file():  # before the (slow) export
         raise UsageError(f"--sign-key {args.sign_key} does not exist; make a key pair with `edgehmoe bundle keygen`")
+    fused = _fused_kinds(args.fused, args.no_fused)
+    calibration, source = None, None
+    if args.quantize:
+        x_cal, y_cal, source = _calibration_images(args, src)
+        calibration = (x_cal, y_cal)
+    elif args.calibration_data:
+        raise UsageError("--calibration-data is only used with --quantize int8")
     path = export_bundle(
         src, args.out, include_flat=not args.no_flat, opset=args.opset, check_parity=not args.no_parity,
-        atol=args.atol, overwrite=args.overwrite,
+        atol=args.atol, overwrite=args.overwrite, fused=fused, quantize=args.quantize, calibration=calibration,
+        calibration_size=args.calibration_size, calibration_source=source, seed=args.seed,
     )
     if args.sign_key:
         from edgehmoe.edge.integrity import sign_manifest
@@ -194,10 +244,20 @@ def cmd_export(args) -> int:
         "flat": bool(m.get("flat")),
         "bytes": sum(e["bytes"] for e in m["experts"].values()) + (m["flat"]["bytes"] if m.get("flat") else 0),
         "parity_max_abs_diff": parity.get("worst"),
+        "precision": m.get("precision", "float32"),
+        "fused": sorted(((m.get("fused") or {}).get("graphs") or {})),
+        "fused_bytes": sum(g["bytes"] for g in ((m.get("fused") or {}).get("graphs") or {}).values()),
     }
+    if m.get("quantization"):
+        nets = m["quantization"]["networks"]
+        summary["int8_min_argmax_agreement"] = min(v["argmax_agreement"] for v in nets.values())
     print(json.dumps(summary) if args.json else
           f"wrote {summary['bundle']}: {summary['experts']} experts{' + flat' if summary['flat'] else ''}, "
-          f"{summary['bytes']} bytes; parity max |torch - onnxruntime| = {summary['parity_max_abs_diff']}")
+          f"{summary['bytes']} bytes ({summary['precision']}"
+          + (f"; fused {'+'.join(summary['fused'])} graphs {summary['fused_bytes']} bytes" if summary["fused"] else "")
+          + f"); parity max |torch - onnxruntime| = {summary['parity_max_abs_diff']}"
+          + (f"; int8 argmax agreement with float32 >= {summary['int8_min_argmax_agreement']:.3f}"
+             if "int8_min_argmax_agreement" in summary else ""))
     return 0
 
 
@@ -373,6 +433,17 @@ def register(subparsers) -> None:
                    help="sign the manifest with this Ed25519 private key (edgehmoe bundle keygen): writes manifest.sig")
     e.add_argument("--no-parity", action="store_true", help="skip the torch vs onnxruntime parity check")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--fused", default="path,tree", metavar="KINDS",
+                   help="fused graphs to add: path (one image), tree (a batch); default path,tree")
+    e.add_argument("--no-fused", action="store_true", help="no fused graphs (one session per expert on the device)")
+    e.add_argument("--quantize", choices=["int8"], default=None,
+                   help="static int8 quantization of every network (needs --calibration-data)")
+    e.add_argument("--calibration-data", metavar="SPEC", help="training images to calibrate int8 on (a dataset spec)")
+    e.add_argument("--calibration-size", type=int, default=1000, metavar="N",
+                   help="calibration images (class-balanced sample; default 1000)")
+    e.add_argument("--calibration-split", default="train", choices=["train", "val", "all"],
+                   help="split of --calibration-data (default train: not the held-out val)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of the checks")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_export)
 

@@ -7,6 +7,14 @@ A *bundle* is a folder written by :func:`edgehmoe.export.bundle.export_bundle` (
       manifest.json          # format version, tree, preprocessing, node -> file, sha256 of each file
       experts/<node>.onnx    # one expert per internal node: float32 (N, 3, H, W) -> logits (N, k)
       flat.onnx              # the flat baseline (optional): (N, 3, H, W) -> logits (N, classes)
+      fused/path.onnx        # optional: the batch-1 greedy descent through every expert, one graph
+      fused/tree.onnx        # optional: the same for any batch, level by level
+
+Format version 1 grew two optional parts (readers that predate them ignore them and still
+predict with the expert files): ``fused`` (the fused graphs, written by
+:mod:`edgehmoe.export.fuse`, with the sha256 and used outputs of every expert they were built
+from, so a stale one is never used) and ``precision`` / ``quantization`` (``"int8"`` bundles whose
+networks were quantized by ``edgehmoe export --quantize int8``; absent means float32).
 
 :func:`read_manifest` validates the manifest's structure against the tree it holds;
 :func:`verify_bundle` checks every file's sha256, so a missing or tampered file fails with
@@ -37,12 +45,17 @@ from edgehmoe.errors import EdgeHmoeError
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
+    "FUSED_KINDS",
+    "FUSED_VERSION",
     "MANIFEST",
+    "PRECISIONS",
     "BundleError",
     "bundle_entries",
     "check_file",
     "check_onnx_bytes",
     "file_sha256",
+    "fused_fingerprint",
+    "fused_graphs",
     "read_manifest",
     "verify_bundle",
 ]
@@ -54,6 +67,10 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NODE_KEY = re.compile(r"-?[0-9]{1,9}")
+# Fused graphs (see edgehmoe.export.fuse): "path" runs a batch of one, "tree" any batch.
+FUSED_KINDS = ("path", "tree")
+FUSED_VERSION = 1
+PRECISIONS = ("float32", "int8")
 
 
 class BundleError(EdgeHmoeError, ValueError):
@@ -182,6 +199,13 @@ def read_manifest(bundle_dir: str | Path, *, verify_key: str | Path | None = Non
             f"{mpath}: {len(m['class_names'])} class names and {len(m['class_ids'])} class ids "
             f"for {tree.num_classes} leaves"
         )
+    fused = m.get("fused")
+    if fused is not None:
+        if not isinstance(fused, dict) or not isinstance(fused.get("graphs"), dict) or "built_from" not in fused:
+            raise BundleError(f"{mpath}: 'fused' must give 'graphs' and 'built_from'; re-export the bundle")
+        unknown = sorted(set(fused["graphs"]) - set(FUSED_KINDS))
+        if unknown:
+            raise BundleError(f"{mpath}: unknown fused graph(s) {unknown}; valid: {', '.join(FUSED_KINDS)}")
     experts = m["experts"]
     if not isinstance(experts, dict):
         raise BundleError(f"{mpath}: 'experts' must map node ids to files")
@@ -192,7 +216,7 @@ def read_manifest(bundle_dir: str | Path, *, verify_key: str | Path | None = Non
             "the bundle is incomplete"
         )
     for key, entry in bundle_entries(m):
-        for field in ("file", "sha256", "num_outputs"):
+        for field in ("file", "sha256") if key.startswith("fused") else ("file", "sha256", "num_outputs"):
             if field not in entry:
                 raise BundleError(f"{mpath}: entry {key!r} lacks {field!r}")
         f = Path(entry["file"])
@@ -211,14 +235,35 @@ def read_manifest(bundle_dir: str | Path, *, verify_key: str | Path | None = Non
     inp = m["input"]
     if not isinstance(inp, dict) or len(inp.get("image_shape", [])) != 3:
         raise BundleError(f"{mpath}: 'input' must give image_shape [H, W, C]")
+    if m.get("precision", "float32") not in PRECISIONS:
+        raise BundleError(f"{mpath}: unknown precision {m.get('precision')!r}; valid: {', '.join(PRECISIONS)}")
     return m
 
 
+def fused_fingerprint(m: dict) -> dict:
+    """What fused graphs are built from: each expert's file hash and the logit columns used."""
+    return {k: {"sha256": e.get("sha256"), "outputs": e.get("outputs")} for k, e in m["experts"].items()}
+
+
+def fused_graphs(m: dict) -> dict[str, dict]:
+    """The fused graphs of a manifest that match its expert files (kind -> entry); empty when
+    the bundle has none or they were built from other expert files (e.g. an edited bundle)."""
+    fused = m.get("fused")
+    if not fused or fused.get("version") != FUSED_VERSION:
+        return {}
+    if fused.get("built_from") != fused_fingerprint(m):
+        return {}
+    return dict(fused["graphs"])
+
+
 def bundle_entries(m: dict) -> list[tuple[str, dict]]:
-    """``(what, entry)`` for every network file of a manifest: the experts, then the flat model."""
+    """``(what, entry)`` for every network file of a manifest: the experts, the flat model,
+    then the fused graphs."""
     out = [(f"expert {k}", v) for k, v in m["experts"].items()]
     if m.get("flat"):
         out.append(("flat", m["flat"]))
+    for kind, entry in ((m.get("fused") or {}).get("graphs") or {}).items():
+        out.append((f"fused {kind} graph", entry))
     return out
 
 

@@ -54,13 +54,17 @@ from edgehmoe.core.hierarchy import Hierarchy
 from edgehmoe.edge.manifest import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
+    FUSED_KINDS,
     MANIFEST,
     BundleError,
     file_sha256,
+    fused_graphs,
     read_manifest,
     verify_bundle,
 )
 from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
+from edgehmoe.errors import UsageError
+from edgehmoe.export.quantize import QUANTIZE_CHOICES  # onnx is imported only when quantizing
 
 __all__ = ["ParityError", "export_bundle", "export_network", "check_parity", "subset_bundle", "resolve_nodes", "bundle_summary", "load_torch_models"]
 
@@ -227,6 +231,11 @@ def export_bundle(
     parity_samples: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    fused: tuple[str, ...] | list[str] = FUSED_KINDS,
+    quantize: str | None = None,
+    calibration: tuple[np.ndarray, np.ndarray] | None = None,
+    calibration_size: int = 512,
+    calibration_source: dict | None = None,
 ) -> Path:
     """Export every expert (and the flat model) of ``model_dir`` to a bundle at ``out``.
 
@@ -240,6 +249,16 @@ def export_bundle(
         check_parity: compare torch and ONNX Runtime on ``parity_samples`` random images.
         atol: largest allowed max-abs difference of logits.
         overwrite: replace an existing bundle at ``out``.
+        fused: fused graphs to add (:mod:`edgehmoe.export.fuse`: ``path`` for one image,
+            ``tree`` for a batch); ``()`` for none. They are checked against the expert
+            sessions (equal logits, equal routing) before the bundle is committed.
+        quantize: ``"int8"`` quantizes every network after the float32 parity check
+            (:mod:`edgehmoe.export.quantize`), calibrated on ``calibration``.
+        calibration: ``(uint8 images (N, H, W, 3), dataset class ids)`` of training images
+            of the model's dataset (needed with ``quantize``).
+        calibration_size: at most this many calibration images per network.
+        calibration_source: where the images came from (dataset spec, split), recorded in
+            the manifest.
 
     Returns the path of ``manifest.json``. Raises :class:`ParityError` when parity fails (the
     bundle is then not written), :class:`~edgehmoe.core.checkpoint.CheckpointError` for a bad
@@ -249,6 +268,16 @@ def export_bundle(
 
     from edgehmoe.model.inference import load_models
 
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"unknown --quantize {quantize!r}; valid: {', '.join(QUANTIZE_CHOICES)}")
+    if quantize is not None and calibration is None:
+        raise UsageError("--quantize int8 needs calibration images: give --calibration-data SPEC (training images "
+                         "of the model's dataset)")
+    if quantize is not None and int(calibration_size) < 1:
+        raise UsageError(f"--calibration-size must be >= 1, got {calibration_size}")
+    bad = [k for k in fused if k not in FUSED_KINDS]
+    if bad:
+        raise UsageError(f"unknown fused graph kind(s) {bad}; valid: {', '.join(FUSED_KINDS)}")
     md = model_dir if isinstance(model_dir, ModelDir) else read_model_dir(model_dir)
     if not md.experts and (md.flat is None or not include_flat):
         raise CheckpointError(f"{md.path} holds no hierarchical model to export (and no flat model to include)")
@@ -307,12 +336,36 @@ def export_bundle(
             report = check_parity_dirs(md, tmp, torch_experts, torch_flat, atol=atol, samples=parity_samples, seed=seed)
             manifest["parity"] = report
             atomic_write_json(tmp / MANIFEST, manifest)
+        if quantize is not None:
+            from edgehmoe.export.quantize import quantize_bundle
+
+            x_cal, y_cal = calibration
+            manifest["quantization"] = quantize_bundle(tmp, manifest, x_cal, y_cal, size=calibration_size,
+                                                       source=calibration_source, seed=seed)
+            manifest["precision"] = quantize
+            atomic_write_json(tmp / MANIFEST, manifest)
+        _add_fused(tmp, manifest, fused, samples=parity_samples, seed=seed)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("bundle written to %s (%d experts%s)", out, len(experts), ", flat" if flat else "")
     return out / MANIFEST
+
+
+def _add_fused(bundle: Path, manifest: dict, kinds, *, samples: int, seed: int) -> None:
+    """Build the fused graphs of a bundle folder, check them against its expert sessions on
+    ``samples`` random images, and record them in its manifest."""
+    if not kinds or not manifest["experts"]:
+        return
+    from edgehmoe.export.fuse import build_fused, check_fused
+
+    manifest["fused"] = build_fused(bundle, manifest, kinds)
+    atomic_write_json(bundle / MANIFEST, manifest)
+    h, w, c = manifest["input"]["image_shape"]
+    x = np.random.default_rng(seed + 1).integers(0, 256, size=(samples, h, w, c), dtype=np.uint8)
+    manifest["fused"]["parity"] = check_fused(bundle, x)
+    atomic_write_json(bundle / MANIFEST, manifest)
 
 
 # ---------------------------------------------------------------------- parity
@@ -438,7 +491,9 @@ def subset_bundle(bundle: str | Path, keep: list[str | int], out: str | Path, *,
       back to the original dataset class ids and ``class_names`` keeps their names;
     - the flat model, when present, is kept restricted to the kept classes.
 
-    Every ``.onnx`` file is copied byte for byte and re-hashed. Returns the new manifest path.
+    Every expert and flat ``.onnx`` file is copied byte for byte and re-hashed; fused graphs
+    (which compose the whole tree) are rebuilt for the subset when ``onnx`` is installed and
+    left out otherwise. Returns the new manifest path.
     """
     bundle, out = Path(bundle), Path(out)
     m = verify_bundle(bundle)
@@ -518,6 +573,9 @@ def subset_bundle(bundle: str | Path, keep: list[str | int], out: str | Path, *,
         },
     )
     manifest.pop("parity", None)  # parity was measured on the full bundle; the files are unchanged
+    # Fused graphs compose the whole tree: rebuild them for the subset (needs onnx), else drop them.
+    manifest.pop("fused", None)
+    kinds = [k for k in FUSED_KINDS if k in fused_graphs(m)]
     tmp = _prepare_out(out, overwrite)
     try:
         for what, entry in [(f"expert {k}", v) for k, v in experts.items()] + ([("flat", flat)] if flat else []):
@@ -528,6 +586,14 @@ def subset_bundle(bundle: str | Path, keep: list[str | int], out: str | Path, *,
                 raise BundleError(f"{bundle / entry['file']} changed while it was copied ({what}); try again")
         atomic_write_json(tmp / MANIFEST, manifest)
         read_manifest(tmp)
+        if kinds:
+            try:
+                import onnx  # noqa: F401
+            except ImportError:
+                logger.info("subset written without fused graphs: rebuilding them needs onnx (pip install onnx); "
+                            "the runtime then runs one session per expert")
+            else:
+                _add_fused(tmp, manifest, kinds, samples=16, seed=0)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -66,6 +66,10 @@ SWEEP = {
 }
 
 
+# Options of BundlePredictor (not of the ONNX Runtime session) a variant may set.
+CHAIN_OPTIONS = ("fused", "max_batch")
+
+
 class BenchError(RunError):
     """A benchmark that cannot complete (a worker failed, inputs do not fit the bundle)."""
 
@@ -105,6 +109,8 @@ def inference_job(cfg: dict) -> dict:
     x = _load_inputs(cfg, shape)
     opts = dict(cfg.get("options", {}))
     threads = int(opts.pop("threads", cfg["threads"]))
+    # Predictor options (not session options); the chain's defaults are BundlePredictor's.
+    chain_opts = {k: opts.pop(k) for k in CHAIN_OPTIONS if k in opts}
     so = make_session_options(threads, **opts)
     import gc
 
@@ -126,16 +132,10 @@ def inference_job(cfg: dict) -> dict:
     t_load = time.perf_counter()
     macs = {"total": 0, "images": 0}
     if cfg["model"] == "chain":
-        pred = BundlePredictor(cfg["bundle"], max_sessions=cfg["max_sessions"], threads=threads, session_options=so)
+        pred = BundlePredictor(cfg["bundle"], max_sessions=cfg["max_sessions"], threads=threads, session_options=so,
+                               **chain_opts)
         run = pred.predict_greedy
         node_macs = {int(k): cnn3_macs(e["arch"]) for k, e in manifest["experts"].items()}
-        inner = pred.expert_logits
-
-        def counted(node, xp):
-            macs["total"] += node_macs[int(node)] * len(xp)
-            return inner(node, xp)
-
-        pred.expert_logits = counted
     else:
         pred = FlatPredictor(cfg["bundle"], threads=threads, session_options=so)
         pred.session()
@@ -150,6 +150,8 @@ def inference_job(cfg: dict) -> dict:
         for _ in range(cfg["warmup"]):
             run(x[rng.integers(0, len(x), size=b)])
         calls0 = getattr(pred, "expert_calls", 0)
+        runs0 = getattr(pred, "session_runs", 0)
+        samples0 = dict(getattr(pred, "expert_samples", {}))
         wall, cpu = [], []
         macs["total"] = 0
         for _ in range(cfg["repeats"]):
@@ -160,6 +162,8 @@ def inference_job(cfg: dict) -> dict:
                 macs["total"] += flat_macs * b
             wall.append((time.perf_counter() - t0) * 1e3 / b)
             cpu.append((time.process_time() - c0) * 1e3 / b)
+        if cfg["model"] == "chain":  # every expert evaluation, whether in its own session or a fused graph
+            macs["total"] = sum(node_macs[n] * (v - samples0.get(n, 0)) for n, v in pred.expert_samples.items())
         wall.sort()
         out["batches"][str(b)] = {
             "p50_ms": statistics.median(wall),
@@ -168,6 +172,7 @@ def inference_job(cfg: dict) -> dict:
             "cpu_p50_ms": statistics.median(cpu),
             "experts_per_call": (getattr(pred, "expert_calls", 0) - calls0) / cfg["repeats"] if cfg["model"] == "chain" else 1.0,
             "mmacs_per_image": macs["total"] / (cfg["repeats"] * b) / 1e6,
+            "session_runs_per_call": (pred.session_runs - runs0) / cfg["repeats"] if cfg["model"] == "chain" else 1.0,
         }
     out["rss_mb"] = rss_mb()
     out["rss_delta_mb"] = out["rss_mb"] - rss0  # model + what the allocator keeps after the runs
@@ -177,7 +182,9 @@ def inference_job(cfg: dict) -> dict:
     release_free_memory()
     out["live_delta_mb"] = rss_mb() - rss0  # after release_free_memory(): what is really held
     out["sessions_created"] = int(getattr(pred, "sessions_created", 1))
-    out["sessions_alive"] = len(pred.loaded_experts) if cfg["model"] == "chain" else 1
+    out["sessions_alive"] = len(pred.loaded_experts) + len(pred.loaded_fused) if cfg["model"] == "chain" else 1
+    out["fused_graphs"] = pred.loaded_fused if cfg["model"] == "chain" else []
+    out["precision"] = manifest.get("precision", "float32")
     return out
 
 
