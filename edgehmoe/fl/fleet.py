@@ -678,7 +678,7 @@ class Fleet:
         if action == "garbage":
             body = b"not a wire message " + os.urandom(16)
         else:
-            acted.round_time_ms = max(due, time.monotonic()) * 1000.0 - t_mono * 1000.0
+            acted.round_time_ms = round((max(due, time.monotonic()) - t_mono) * 1000.0, 3)
             body = self._answer(dev, task, acted)
         self._timer.at(due, lambda: self._deliver(dev, task, acted, body))
 
