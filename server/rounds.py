@@ -4,7 +4,9 @@ The server's ``fit_round`` (as in Flower's ``Server.fit_round``), without the di
 the scheduling decisions:
 
 1. publish one :class:`~edgehmoe.fl.wire.TrainTask` per device (QoS 1, message expiry = the
-   round timeout);
+   round timeout); an expert's tensors are serialised once for all its tasks
+   (:func:`~edgehmoe.fl.wire.iter_encode`) and the tasks are pipelined, not acknowledged one by
+   one (at most :data:`PUBLISH_WINDOW` unacknowledged; answers are handled meanwhile);
 2. handle inbound messages until every asked device answered, refused, failed or went offline
    (last will), or the deadline passed, or ``stop`` was set. ``hello`` and ``status`` update the
    :class:`~edgehmoe.server.registry.DeviceRegistry` at any time; a
@@ -20,8 +22,14 @@ the scheduling decisions:
 3. :func:`aggregate`: the chosen rule per expert (FedAvg, coordinate-wise median or trimmed
    mean, optional norm clipping; :func:`edgehmoe.fl.aggregation.aggregate_per_expert`, pure,
    float64, checked finite) of the valid results; an expert whose aggregate is unusable keeps
-   its weights;
-4. :func:`metrics_row`: the ``metrics.jsonl`` row of the round.
+   its weights. FedAvg without ``clip_factor`` streams: each valid result is folded into a
+   running sum (:class:`~edgehmoe.fl.aggregation.FedAvgStream`) and keeps no weights, so a
+   round's memory is O(model), not O(devices x model); the other rules keep every update;
+4. :func:`metrics_row`: the ``metrics.jsonl`` row of the round (compact above
+   :data:`DETAIL_LIMIT` devices).
+
+The round ends as soon as every task is settled (no wait for silence); see docs/scale.md for
+what each of these costs at 1,000 devices.
 
 The transport is anything with :class:`Transport`'s methods. The real one is an
 :class:`edgehmoe.fl.mqtt.MqttConnection` (:func:`connect_mqtt`); the unit tests use a fake
