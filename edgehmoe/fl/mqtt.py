@@ -383,6 +383,7 @@ class MqttConnection:
         self._resub_mid: Optional[int] = None  # SUBACK still awaited for the renewed subscriptions
         # mid -> (monotonic time of the ack, reason code or list of reason codes)
         self._acks: Dict[int, Tuple[float, Any]] = {}
+        self._ack_count = 0  # acks recorded so far (pruning cadence)
         self._connect_callbacks: List[Callable[[], None]] = []
         self._tls_error: Optional[str] = None  # last TLS failure paho logged (e.g. certificate required)
         #: The broker's Maximum Packet Size from its last CONNACK (MQTT v5), ``None`` = not announced.
@@ -508,14 +509,25 @@ class MqttConnection:
 
     def _record_ack(self, mid: int, reason: Any) -> None:
         with self._cond:
-            self._acks[mid] = (time.monotonic(), reason)
+            now = time.monotonic()
+            self._acks[mid] = (now, reason)
+            self._ack_count += 1
+            if self._ack_count % 1024 == 0 and len(self._acks) > 4096:
+                # acks of publishes nobody waits for (wait=False): a waiter takes its ack as soon as
+                # it arrives, so one a minute old is nobody's
+                for old in [m for m, (t, _) in self._acks.items() if t < now - 60.0]:
+                    del self._acks[old]
             self._cond.notify_all()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         self._loop_thread = threading.get_ident()
         if _reason_failed(reason_code):
             logger.warning("%s: broker refused publish mid=%s: %s", self.client_id, mid, reason_code)
-        self._record_ack(mid, reason_code)
+            self._record_ack(mid, reason_code)
+        else:
+            # 0, not paho's ReasonCode (~1 KB each, a copy of its names table): acks of publishes
+            # nobody waits for (wait=False) stay here until their mid is reused or they are pruned
+            self._record_ack(mid, 0)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         self._loop_thread = threading.get_ident()
