@@ -240,3 +240,23 @@ def test_a_run_waits_for_its_devices_when_all_dropped(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["outcomes"] == {"a": "ok", "b": "ok"} for r in rows)
     assert TIMEOUT > 20.0
+
+
+def test_unacked_publishes_are_counted_and_their_acks_kept_small(mosquitto):
+    """Publishing a round's tasks without waiting: ``unacked()`` falls to 0 as the broker
+    acknowledges them, and what is kept of each ack is a plain 0, not a ~1 KB paho object."""
+    conn = mosquitto.client("edgehmoe-server")
+    body = b"x" * 10_000
+    # Execute
+    for _ in range(300):
+        conn.publish("edgehmoe/t/device/d/task", body, wait=False)
+    queued = conn.unacked()
+    import time
+
+    end = time.monotonic() + 30
+    while conn.unacked() and time.monotonic() < end:
+        time.sleep(0.05)
+    # Assert
+    assert 0 < queued <= 300 and conn.unacked() == 0
+    assert {type(reason) for _, reason in conn._acks.values()} == {int}
+    conn.publish("edgehmoe/t/device/d/task", body, wait=True, timeout=10)  # waiting still works
