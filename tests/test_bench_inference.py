@@ -31,7 +31,7 @@ SIZE = 16
 ROW_KEYS = {
     "model", "threads", "options", "interpreter_rss_mb", "baseline_rss_mb", "open_ms", "batches", "malloc_env",
     "rss_mb", "rss_delta_mb", "rss_over_interpreter_mb", "peak_rss_mb", "peak_delta_mb", "live_delta_mb",
-    "sessions_created", "sessions_alive", "variant", "fused_graphs", "precision",
+    "sessions_created", "sessions_alive", "variant", "fused_graphs", "precision", "bundle",
 }
 BATCH_KEYS = {"p50_ms", "p95_ms", "mean_ms", "cpu_p50_ms", "experts_per_call", "mmacs_per_image", "session_runs_per_call"}
 CONFIG_KEYS = {"bundle", "threads", "batch_sizes", "repeats", "warmup", "max_sessions", "dataset", "split", "pool",
@@ -116,7 +116,7 @@ def test_bench_through_the_tools_script(bundle, tmp_path):
     assert [ln.split(" | ")[0] for ln in lines[3:5]] == ["chain", "flat"]
     assert p.stderr.splitlines() == ["measured chain [default]", "measured flat [default]"]
     res = json.loads(out.read_text())
-    assert set(res) == {"config", "results", "chain_over_flat"}
+    assert set(res) == {"config", "results", "chain_over_flat", "bundles"}
     assert set(res["config"]) == CONFIG_KEYS and res["config"]["batch_sizes"] == [1, 4]
     chain, flat = res["results"]
     assert set(chain) == ROW_KEYS and set(flat) == ROW_KEYS

@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
     cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, schedule="onecycle")
     fit_hmoe(md, x, y, cfg, expert_specs(tree, SIZE, fixed_width=4))
     fit_flat(md, x, y, cfg, width=8)
-    bundle = export_bundle(md.path, root / "bundle").parent
+    bundle = export_bundle(md.path, root / "bundle", fused=("path", "tree")).parent
     return md, bundle, xt, yt
 
 
@@ -160,7 +160,7 @@ def test_fused_graphs_of_a_deeper_tree_with_restricted_outputs(tmp_path):
         m = build_model(spec)
         md.write_expert(node, spec.to_dict(), state_arrays(m), count_params(m))
     md.save_json()
-    bundle = export_bundle(md.path, tmp_path / "bundle").parent
+    bundle = export_bundle(md.path, tmp_path / "bundle", fused=("path", "tree")).parent
     x = np.random.default_rng(3).integers(0, 256, size=(40, SIZE, SIZE, 3), dtype=np.uint8)
     # Execute
     sub = subset_bundle(bundle, ["s0", "s2"], tmp_path / "sub").parent

@@ -191,3 +191,25 @@ def test_int8_export_errors_are_one_line(bundles, tmp_path, capsys):
     assert bundle_main(base + ["--fused", "path,ladder"]) == 2
     assert "--fused takes a comma-separated list of path, tree" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_extend_then_export_int8(bundles, tmp_path, capsys):
+    """``extend`` works on model directories; its output exports to int8 like any other. With
+    the tree unchanged every expert (and the flat model) is reused byte for byte, so the int8
+    bundle is the same as the original's."""
+    # Prepare
+    md, _, int8, xt, _ = bundles
+    csv = tmp_path / "tree.csv"
+    md.hierarchy.to_csv(csv)
+    # Execute
+    assert bundle_main(["extend", "--model-dir", str(md.path), "--hierarchy", str(csv), "--dataset", SPEC,
+                        "--out", str(tmp_path / "ext"), "--epochs", "1", "--json"]) == 0
+    assert bundle_main(["export", "--model-dir", str(tmp_path / "ext"), "--out", str(tmp_path / "ext8"),
+                        "--quantize", "int8", "--calibration-data", SPEC, "--calibration-size", "200",
+                        "--fused", "path,tree", "--json"]) == 0
+    capsys.readouterr()
+    # Assert
+    a, b = read_manifest(int8), read_manifest(tmp_path / "ext8")
+    assert {k: e["sha256"] for k, e in a["experts"].items()} == {k: e["sha256"] for k, e in b["experts"].items()}
+    np.testing.assert_array_equal(BundlePredictor(tmp_path / "ext8").predict_greedy(xt)[0],
+                                  BundlePredictor(int8).predict_greedy(xt)[0])

@@ -210,11 +210,9 @@ def test_subset_single_node_becomes_root_and_copies_files_byte_for_byte(exported
     assert sub.class_ids.tolist() == [2, 5, 6]
     assert sub.class_names == ["b0", "b1", "b2"]
     kept = sorted(p.relative_to(manifest.parent).as_posix() for p in manifest.parent.rglob("*.onnx"))
-    # Networks are copied; the fused graphs (which compose the whole tree) are rebuilt.
-    assert kept == ["experts/2.onnx", "experts/7.onnx", "flat.onnx", "fused/path.onnx", "fused/tree.onnx"]
-    for f in kept[:3]:
+    assert kept == ["experts/2.onnx", "experts/7.onnx", "flat.onnx"]
+    for f in kept:
         assert (manifest.parent / f).read_bytes() == (bundle / f).read_bytes()
-    assert sub.fused_kinds == ["path", "tree"]
     # Predictions equal the full chain's descent from s1.
     ref = _route_from(full, x, full.tree.index("s1"))
     got = sub.predict_greedy(x)[0]

@@ -49,7 +49,8 @@ def trained(tmp_path_factory):
     cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, schedule="onecycle")
     fit_hmoe(md, x, y, cfg, expert_specs(tree, SIZE, fixed_width=4))
     fit_flat(md, x, y, cfg, width=8)
-    bundle = export_bundle(md.path, root / "bundle").parent
+    # With fused graphs, so the default predictor (fused="auto") runs them; fused="off" is the reference chain.
+    bundle = export_bundle(md.path, root / "bundle", fused=("path", "tree")).parent
     return md, bundle, xt, yt
 
 

@@ -13,8 +13,11 @@ from pathlib import Path
 from edgehmoe.cli.common import add_debug_arg, run_main
 from edgehmoe.errors import UsageError
 from edgehmoe.measure.bench_inference import (
+    INT8_VARIANT,
     SWEEP,
+    bundle_sizes,
     chain_over_flat,
+    int8_over_fp32,
     inference_job,
     make_cifar_bundle,
     run_worker,
@@ -40,6 +43,11 @@ def get_args_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--pool", type=int, default=1000, help="distinct input images to draw batches from")
     p.add_argument("--sweep", action="store_true", help="also measure session-option variants (see SWEEP)")
+    p.add_argument("--variants", metavar="NAMES", default=None,
+                   help="comma-separated variants to measure instead (default, or names of SWEEP, e.g. 'fused off')")
+    p.add_argument("--int8-bundle", metavar="BUNDLE8", default=None,
+                   help="also measure this int8 bundle (edgehmoe export --quantize int8) of the same model and "
+                        "report int8 / float32 ratios")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="run workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): big buffers are unmapped when freed")
     p.add_argument("--chain-options", metavar="JSON", default=None,
@@ -86,21 +94,40 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(extra, dict):
             raise UsageError("--chain-options must be a JSON object")
     variants = SWEEP if args.sweep else {"default": {}}
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in names if v != "default" and v not in SWEEP]
+        if unknown:
+            raise UsageError(f"unknown --variants {unknown}; valid: default, {', '.join(SWEEP)}")
+        variants = {v: SWEEP.get(v, {}) for v in names}
+    if args.int8_bundle:
+        base["int8_bundle"] = args.int8_bundle
     rows = []
-    for name, opts in variants.items():
+    plan = [(name, opts, args.bundle) for name, opts in variants.items()]
+    if args.int8_bundle:
+        plan.append((INT8_VARIANT, {}, args.int8_bundle))
+    for name, opts, bundle in plan:
         for model in models:
-            r = run_worker({**base, "model": model, "options": {**opts, **(extra if model == "chain" else {})}})
+            cfg = {**base, "bundle": bundle, "model": model, "options": {**opts, **(extra if model == "chain" else {})}}
+            r = run_worker(cfg)
             r["variant"] = name
+            r["bundle"] = bundle
             rows.append(r)
             print(f"measured {model} [{name}]", file=sys.stderr)
     print(f"bundle {args.bundle}, threads {args.threads}, inputs: {args.dataset or 'random uint8'}, "
           f"repeats {args.repeats}, max_sessions {args.max_sessions}")
     print(table(rows, batch_sizes))
-    summary = chain_over_flat(rows, variants, batch_sizes)
+    summary = chain_over_flat(rows, [p[0] for p in plan], batch_sizes)
     if summary:
         print("chain / flat: " + json.dumps(summary, indent=1))
+    out = {"config": base, "results": rows, "chain_over_flat": summary,
+           "bundles": {b: bundle_sizes(b) for b in dict.fromkeys(p[2] for p in plan)}}
+    if args.int8_bundle:
+        out["int8_over_fp32"] = int8_over_fp32(rows, "default" if "default" in variants else next(iter(variants)),
+                                               batch_sizes, out["bundles"][args.bundle], out["bundles"][args.int8_bundle])
+        print("int8 / float32: " + json.dumps(out["int8_over_fp32"], indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": base, "results": rows, "chain_over_flat": summary}, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -270,7 +270,7 @@ def cmd_predict(args) -> int:
     if args.model == "flat":
         pred = FlatPredictor(args.bundle, threads=args.threads)
     else:
-        pred = BundlePredictor(args.bundle, max_sessions=args.max_sessions, threads=args.threads)
+        pred = BundlePredictor(args.bundle, max_sessions=args.max_sessions, threads=args.threads, fused=args.fused)
     x, labels = load_images(args.inputs, pred.input_size)
     results = []
     for i in range(0, len(x), args.batch_size):
@@ -433,9 +433,9 @@ def register(subparsers) -> None:
                    help="sign the manifest with this Ed25519 private key (edgehmoe bundle keygen): writes manifest.sig")
     e.add_argument("--no-parity", action="store_true", help="skip the torch vs onnxruntime parity check")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
-    e.add_argument("--fused", default="path,tree", metavar="KINDS",
-                   help="fused graphs to add: path (one image), tree (a batch); default path,tree")
-    e.add_argument("--no-fused", action="store_true", help="no fused graphs (one session per expert on the device)")
+    e.add_argument("--fused", default="", metavar="KINDS",
+                   help="fused graphs to add: path (one image), tree (a batch), e.g. path,tree (default: none)")
+    e.add_argument("--no-fused", action="store_true", help="no fused graphs (the default; overrides --fused)")
     e.add_argument("--quantize", choices=["int8"], default=None,
                    help="static int8 quantization of every network (needs --calibration-data)")
     e.add_argument("--calibration-data", metavar="SPEC", help="training images to calibrate int8 on (a dataset spec)")
@@ -457,6 +457,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", choices=["hmoe", "flat"], default="hmoe")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--max-sessions", type=int, default=32, help="experts kept loaded at once (default 32; 0 = all)")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="use the bundle's fused graphs (auto: when it has up-to-date ones; off: one session per expert)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true")
     add_verify_key_arg(p)

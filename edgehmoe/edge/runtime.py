@@ -10,6 +10,16 @@ holds the experts its samples' paths need; :class:`FlatPredictor` gives the flat
 manifest before it is used, so a missing or tampered file fails with
 :class:`~edgehmoe.edge.manifest.BundleError` instead of producing silent garbage.
 
+A bundle may also hold *fused graphs* (:mod:`edgehmoe.export.fuse`) that run the whole greedy
+descent of a batch in one ONNX Runtime call; the predictor then reads every expert's logits
+from that call and still decodes through :func:`~edgehmoe.core.routing.decode`, so greedy,
+beam and thresholded results are those of the expert-by-expert chain. int8 bundles
+(``export --quantize int8``) run through the same code: ONNX Runtime executes their QDQ graphs.
+
+Per image, the cost beyond ONNX Runtime is kept small: preprocessing is a per-channel lookup
+table (bit for bit :func:`preprocess`), expert sessions are called through the C++ session
+directly, and a one-image descent takes :mod:`edgehmoe.core.routing`'s scalar path.
+
 This module imports numpy and onnxruntime only (plus the numpy core of edgehmoe): it works on
 a device without torch. Session defaults (one intra-op thread, sequential execution, CPU
 memory arena and memory pattern off, all graph optimisations) were chosen by measurement for
@@ -469,7 +479,9 @@ class BundlePredictor(_BundleBase):
                 hit = cache[0].get(int(node))
                 if hit is not None:
                     samples, logits = hit
-                    if len(samples) == len(idx) and np.array_equal(samples, idx):
+                    if len(samples) == len(idx) and (
+                        samples[0] == idx[0] if len(idx) == 1 else bool((samples == idx).all())
+                    ):
                         return _softmax(logits)
                     pos = np.searchsorted(samples, idx)
                     if len(samples) and (pos < len(samples)).all() and np.array_equal(samples[pos], idx):

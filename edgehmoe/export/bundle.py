@@ -231,7 +231,7 @@ def export_bundle(
     parity_samples: int = 64,
     seed: int = 0,
     overwrite: bool = False,
-    fused: tuple[str, ...] | list[str] = FUSED_KINDS,
+    fused: tuple[str, ...] | list[str] = (),
     quantize: str | None = None,
     calibration: tuple[np.ndarray, np.ndarray] | None = None,
     calibration_size: int = 512,
@@ -250,8 +250,9 @@ def export_bundle(
         atol: largest allowed max-abs difference of logits.
         overwrite: replace an existing bundle at ``out``.
         fused: fused graphs to add (:mod:`edgehmoe.export.fuse`: ``path`` for one image,
-            ``tree`` for a batch); ``()`` for none. They are checked against the expert
-            sessions (equal logits, equal routing) before the bundle is committed.
+            ``tree`` for a batch); none by default (they measured slower and bigger than
+            separate sessions on x86, see docs/inference.md). They are checked against the
+            expert sessions (equal logits, equal routing) before the bundle is committed.
         quantize: ``"int8"`` quantizes every network after the float32 parity check
             (:mod:`edgehmoe.export.quantize`), calibrated on ``calibration``.
         calibration: ``(uint8 images (N, H, W, 3), dataset class ids)`` of training images

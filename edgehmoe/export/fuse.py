@@ -162,7 +162,7 @@ def build_path_graph(tree: Hierarchy, experts: dict, outputs: dict, image_shape,
         best = b.node("ArgMax", [lg], f"best{n}", axis=1, keepdims=0)[0]  # (1,), first index on ties
         kids = tree.children(n)
         internal = [i for i, c in enumerate(kids) if not tree.is_leaf[c]]
-        tail_nodes, tail_logits = switch(b, n, kids, internal, best)
+        tail_nodes, tail_logits = switch(b, n, kids, internal, best, 0, len(kids))
         me = b.const(np.array([n], dtype=np.int64), f"id{n}")
         if tail_nodes is None:
             return b.node("Identity", [me], f"nodes{n}")[0], b.node("Identity", [row], f"rows{n}")[0]
@@ -170,10 +170,10 @@ def build_path_graph(tree: Hierarchy, experts: dict, outputs: dict, image_shape,
         rows = b.node("Concat", [row, tail_logits], f"rows{n}", axis=0)[0]
         return nodes, rows
 
-    def branch(n: int, kids, positions: list[int], best: str):
+    def branch(n: int, kids, positions: list[int], best: str, lo: int, hi: int):
         sub = _Builder(namer)
         if positions:
-            a, c = switch(sub, n, kids, positions, best)
+            a, c = switch(sub, n, kids, positions, best, lo, hi)
         else:
             a, c = None, None
         if a is None:  # only leaves here: the descent ends
@@ -184,12 +184,12 @@ def build_path_graph(tree: Hierarchy, experts: dict, outputs: dict, image_shape,
             c = sub.node("Identity", [c], "out_rows")[0]
         return sub.graph(f"branch{n}", [(a, TensorProto.INT64, [None]), (c, TensorProto.FLOAT, [None, width])])
 
-    def switch(b: _Builder, n: int, kids, positions: list[int], best: str):
-        """Continue into the child ``best`` among child positions ``positions`` (those with
-        an expert); children without one (leaves) end the descent."""
+    def switch(b: _Builder, n: int, kids, positions: list[int], best: str, lo: int, hi: int):
+        """Continue into child ``best``, known to lie in ``[lo, hi)``, among the child
+        positions ``positions`` (those with an expert); leaves end the descent."""
         if not positions:
             return None, None
-        if len(positions) == 1 and len(positions) == len(kids):
+        if len(positions) == 1 and hi - lo == 1:  # the only child left: no test needed
             return block(b, int(kids[positions[0]]))
         if len(positions) == 1:
             cond = b.node("Equal", [best, b.const(np.array([positions[0]], np.int64), "pos")], "is")[0]
@@ -198,13 +198,13 @@ def build_path_graph(tree: Hierarchy, experts: dict, outputs: dict, image_shape,
             tn = then_g.node("Identity", [tn], "out_nodes")[0]
             tl = then_g.node("Identity", [tl], "out_rows")[0]
             then_graph = then_g.graph(f"then{n}", [(tn, TensorProto.INT64, [None]), (tl, TensorProto.FLOAT, [None, width])])
-            else_graph = branch(n, kids, [], best)
+            else_graph = branch(n, kids, [], best, lo, hi)
         else:
             half = len(positions) // 2
             split = positions[half]
             cond = b.node("Less", [best, b.const(np.array([split], np.int64), "split")], "lt")[0]
-            then_graph = branch(n, kids, positions[:half], best)
-            else_graph = branch(n, kids, positions[half:], best)
+            then_graph = branch(n, kids, positions[:half], best, lo, split)
+            else_graph = branch(n, kids, positions[half:], best, split, hi)
         cond = b.node("Squeeze", [cond], "cond")[0]
         return tuple(b.node("If", [cond], f"sw{n}", n_out=2, then_branch=then_graph, else_branch=else_graph))
 

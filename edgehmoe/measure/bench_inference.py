@@ -49,13 +49,17 @@ from edgehmoe.measure.meter import peak_rss_mb, release_free_memory, reset_peak,
 from edgehmoe.measure.worker import worker_command, worker_env
 from edgehmoe.model.cost import cnn3_macs  # the cost model lives with the networks; re-exported here
 
-__all__ = ["SWEEP", "BenchError", "cnn3_macs", "inference_job", "chain_over_flat", "make_cifar_bundle", "run_worker", "table"]
+__all__ = ["CHAIN_OPTIONS", "INT8_VARIANT", "SWEEP", "BenchError", "bundle_sizes", "cnn3_macs", "inference_job",
+           "chain_over_flat", "int8_over_fp32", "make_cifar_bundle", "run_worker", "table"]
 
 logger = logging.getLogger(__name__)
 
 # Session option variants for --sweep: name -> keyword arguments of make_session_options.
 SWEEP = {
     "default (arena off, pattern off, opt all)": {},
+    "fused off (one session per expert)": {"fused": "off"},
+    "fused on (path + tree graphs)": {"fused": "on"},
+    "max_batch 8": {"max_batch": 8},
     "arena on": {"mem_arena": True},
     "pattern on": {"mem_pattern": True},
     "arena+pattern on (ORT default)": {"mem_arena": True, "mem_pattern": True},
@@ -66,6 +70,8 @@ SWEEP = {
 }
 
 
+# The variant name of the rows measured on --int8-bundle.
+INT8_VARIANT = "int8"
 # Options of BundlePredictor (not of the ONNX Runtime session) a variant may set.
 CHAIN_OPTIONS = ("fused", "max_batch")
 
@@ -242,6 +248,8 @@ def table(rows: list[dict], batch_sizes: list[int]) -> str:
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "default"
+        if r.get("variant") == INT8_VARIANT:
+            opts = f"int8 bundle ({opts})"
         cells = [r["model"], opts]
         cells += [f"{r['batches'][str(b)]['p50_ms']:.3f} / {r['batches'][str(b)]['p95_ms']:.3f}" for b in batch_sizes]
         cells += [f"{r['batches'][str(b)]['cpu_p50_ms']:.3f}" for b in batch_sizes]
@@ -250,6 +258,37 @@ def table(rows: list[dict], batch_sizes: list[int]) -> str:
                   f"{r['sessions_alive']}/{r['sessions_created']}"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+def bundle_sizes(bundle: str | Path) -> dict:
+    """Bytes of a bundle's files: ``experts``, ``flat``, ``fused`` graphs and ``total``, plus
+    its ``precision``."""
+    from edgehmoe.edge.manifest import read_manifest
+
+    m = read_manifest(bundle)
+    experts = sum(int(e["bytes"]) for e in m["experts"].values())
+    flat = int(m["flat"]["bytes"]) if m.get("flat") else 0
+    fused = sum(int(g["bytes"]) for g in ((m.get("fused") or {}).get("graphs") or {}).values())
+    return {"experts": experts, "flat": flat, "fused": fused, "total": experts + flat + fused,
+            "precision": m.get("precision", "float32")}
+
+
+def int8_over_fp32(rows: list[dict], variant: str, batch_sizes: list[int], fp32: dict, int8: dict) -> dict:
+    """Per model: int8 / float32 ratios of p50 latency per batch size and of memory (the int8
+    bundle's rows are the ``int8`` variant, the float32 ones ``variant``), and of bundle bytes."""
+    out: dict = {}
+    for model in ("chain", "flat"):
+        a = next((r for r in rows if r["variant"] == INT8_VARIANT and r["model"] == model), None)
+        b = next((r for r in rows if r["variant"] == variant and r["model"] == model), None)
+        if a is None or b is None:
+            continue
+        out[model] = {
+            **{f"latency_ratio_b{n}": a["batches"][str(n)]["p50_ms"] / b["batches"][str(n)]["p50_ms"] for n in batch_sizes},
+            **{f"cpu_ratio_b{n}": a["batches"][str(n)]["cpu_p50_ms"] / b["batches"][str(n)]["cpu_p50_ms"] for n in batch_sizes},
+            "rss_delta_ratio": a["rss_delta_mb"] / max(b["rss_delta_mb"], 1e-9),
+        }
+    out["bytes_ratio"] = {k: int8[k] / fp32[k] if fp32[k] else None for k in ("experts", "flat", "fused", "total")}
+    return out
 
 
 def chain_over_flat(rows: list[dict], variants, batch_sizes: list[int]) -> dict:
