@@ -250,3 +250,16 @@ def test_fit_rejects_bad_lever_combinations_before_loading_data(args, message, t
     code, _, err = run_cli(["-q", "fit", "--dataset", TINY, "--out", str(tmp_path / "m"), *args], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert data_loads == []
+
+
+def test_fit_is_reproducible_and_train_seed_varies_only_training(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["--train-seed", "7"])):
+        r = _fit_json(capsys, "--model", "flat", "--epochs", "1", "--out", str(tmp_path / name), *extra)
+        runs[name] = (r, load_file(str(tmp_path / name / "flat.safetensors")))
+    assert runs["a"][0]["val_examples"] == runs["c"][0]["val_examples"] == 18  # same validation split
+    for k, v in runs["a"][1].items():
+        np.testing.assert_array_equal(v, runs["b"][1][k])
+    assert not np.array_equal(runs["a"][1]["classifier.weight"], runs["c"][1]["classifier.weight"])

@@ -157,7 +157,8 @@ def cmd_fit(args) -> int:
     md = new_model_dir(out, tree, train.image_size, mean, std, args.dataset,
                        extra={"fit": {k: v for k, v in vars(args).items() if k != "func"}})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="onecycle",
-                      weight_decay=args.weight_decay, seed=args.seed, channels_last=True)
+                      weight_decay=args.weight_decay, channels_last=True,
+                      seed=args.seed if args.train_seed is None else args.train_seed)
     t0 = time.time()
     report: dict = {"dataset": args.dataset, "train_examples": len(train)}
     if val is not None:
@@ -349,6 +350,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibrate-fraction", type=float, default=0.0,
                    help="hold out this share of each class of the training data from the experts and fit "
                         "each expert's temperature on it (folded into its weights) (default 0: off)")
+    f.add_argument("--train-seed", type=int, default=None,
+                   help="seed of initialisation and batch order (default: --seed, which also draws the "
+                        "validation split); vary it alone to see run-to-run noise")
     f.add_argument("--val-every", type=int, default=1,
                    help="with --val-fraction > 0, log validation info-F1 every N epochs (default 1)")
     f.set_defaults(func=cmd_fit)
