@@ -377,6 +377,7 @@ def test_server_run_with_dashboard_answers_live_over_http(tmp_path):
     fed = Federation(tmp_path, 2)
     try:
         cfg = fed.config("dash-run", rounds=4)
+        cfg.train.epochs = 40  # a round of one epoch (~60 ms) ends between two polls
         cfg_path = tmp_path / "run.toml"
         cfg_path.write_text(dump_config(cfg))
         fed.start_clients(cfg.run.name)
@@ -668,7 +669,7 @@ def test_live_simulate_run_in_the_browser(browser, tmp_path):
     cmd = [str(BIN / "edgehmoe-server"), "simulate",
            "--dataset", "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16",
            "--clients", "2", "--rounds", str(hmoe_rounds), "--flat-rounds", str(flat_rounds), "--eval-every", "1",
-           "--round-timeout", "60", "--no-export", "--out", str(out), "--dashboard", "127.0.0.1:0"]
+           "--round-timeout", "60", "--local-epochs", "80", "--no-export", "--out", str(out), "--dashboard", "127.0.0.1:0"]
     sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(sim.stdout.readline, "")), daemon=True)
