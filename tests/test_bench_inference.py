@@ -176,3 +176,50 @@ def test_bench_bad_arguments_are_one_line_errors(capsys):
     err = capsys.readouterr().err
     assert err.startswith("bench_inference: error: benchmark worker for flat failed:\nBundleError: ")
     assert "/does/not/exist" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bench_int8_bundle_and_fused_variants(bundle, tmp_path):
+    """--int8-bundle measures the int8 copy of the same model (rows of variant "int8") and
+    reports int8 / float32 ratios; the fused variants run the chain through its fused graphs
+    (one ONNX Runtime call per batch) or one session per expert."""
+    import numpy as np
+
+    from edgehmoe.export.bundle import export_bundle
+
+    # Prepare: the same random-weight model, int8 (calibrated on random images) with fused graphs.
+    model = json.loads((bundle / "manifest.json").read_text())["source"]["model_dir"]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(64, SIZE, SIZE, 3), dtype=np.uint8)
+    int8 = export_bundle(model, tmp_path / "int8", quantize="int8", calibration=(x, rng.integers(0, 4, size=64)),
+                         calibration_size=64, fused=("path", "tree")).parent
+    out = tmp_path / "bench.json"
+    # Execute
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_inference.py"), "--bundle", str(int8), "--int8-bundle", str(int8),
+         "--repeats", "5", "--warmup", "1", "--pool", "20", "--batch-sizes", "1,4", "--json", str(out),
+         "--variants", "default,fused off (one session per expert)"],
+        capture_output=True, text=True, timeout=600,
+    )
+    # Assert
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    rows = {(r["variant"], r["model"]): r for r in res["results"]}
+    assert sorted(rows) == sorted((v, m) for v in ("default", "fused off (one session per expert)", "int8")
+                                  for m in ("chain", "flat"))
+    fused, off = rows[("default", "chain")], rows[("fused off (one session per expert)", "chain")]
+    assert fused["fused_graphs"] == ["path", "tree"] and off["fused_graphs"] == []
+    for b in ("1", "4"):
+        assert fused["batches"][b]["session_runs_per_call"] == 1.0  # the whole descent in one call
+        assert off["batches"][b]["session_runs_per_call"] == off["batches"][b]["experts_per_call"] >= 2.0
+        assert fused["batches"][b]["mmacs_per_image"] == pytest.approx(off["batches"][b]["mmacs_per_image"])
+    assert all(r["precision"] == "int8" for r in res["results"])
+    assert set(res["chain_over_flat"]) == {"default", "fused off (one session per expert)", "int8"}
+    sizes = res["bundles"][str(int8)]
+    assert sizes["precision"] == "int8" and sizes["fused"] > 0
+    assert sizes["total"] == sizes["experts"] + sizes["flat"] + sizes["fused"]
+    ratio = res["int8_over_fp32"]
+    # The same bundle on both sides: bytes ratios are exactly 1, latency ratios are measured.
+    assert ratio["bytes_ratio"] == {"experts": 1.0, "flat": 1.0, "fused": 1.0, "total": 1.0}
+    assert ratio["chain"]["latency_ratio_b1"] == pytest.approx(
+        rows[("int8", "chain")]["batches"]["1"]["p50_ms"] / fused["batches"]["1"]["p50_ms"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -176,7 +175,10 @@ def _ca_files(ca_dir: str) -> tuple[Path, Path]:
 
 
 def cmd_credentials_add(args) -> int:
-    from edgehmoe.server.broker import create_client_certificate, create_device_credentials
+    from edgehmoe.server.broker import (
+        create_client_certificate,
+        create_device_credentials,
+    )
 
     ca = _ca_files(args.ca_dir) if args.client_cert else None
     path = create_device_credentials(args.password_file, args.device_id, args.out_dir)
