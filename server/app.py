@@ -134,7 +134,8 @@ class AggregationServer:
         if m.kind == "flat":
             return {FLAT: flat_spec(tree, input_size, m.flat_width).to_dict()}
         specs = expert_specs(tree, input_size, flat_width=m.flat_width, min_width=m.min_width,
-                             fixed_width=m.expert_width or None, root_width=m.root_width or None)
+                             fixed_width=m.expert_width or None, root_width=m.root_width or None,
+                             head=m.expert_head, root_stem_stride=m.root_stem_stride)
         return {n: s.to_dict() for n, s in specs.items()}
 
     def prepare(self) -> None:
@@ -253,7 +254,10 @@ class AggregationServer:
         # One array per node, so the tasks of a round share it (wire.iter_encode encodes it once).
         label_map = self._label_maps.get(node)
         if label_map is None:
-            label_map = np.arange(self.tree.num_classes, dtype=np.int64) if node == FLAT else self.tree.label_map(node)
+            from edgehmoe.model.arch import expert_label_map  # a leaf head's targets are the leaves below it
+
+            label_map = (np.arange(self.tree.num_classes, dtype=np.int64) if node == FLAT
+                         else expert_label_map(self.tree, node, self.specs[node]))
             self._label_maps[node] = label_map
         return wire.TrainTask(
             run=cfg.run.name, round=rnd, task_id=f"r{rnd}-{uuid.uuid4().hex[:12]}", node=node,

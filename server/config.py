@@ -67,6 +67,10 @@ class ModelSection:
     expert_width: int = 0  # 0 = size each expert to its node (flat_width * sqrt(k / L))
     root_width: int = 0  # 0 = sized like the other experts
     min_width: int = 4
+    # What each expert is trained on: "children" (its child index) or "leaves" (every leaf
+    # below it, summed into children by the network; docs/accuracy.md). Same bundle format.
+    expert_head: str = "children"
+    root_stem_stride: int = 1  # 2: the root's first convolution is strided (1/4 of its activations)
 
 
 @dataclass
@@ -149,6 +153,9 @@ class RunConfig:
         need(self.run.eval_split in ("val", "test", "train", "all"), "run.eval_split must be val, test, train or all")
         need(0 <= self.run.val_fraction < 1, "run.val_fraction must be in [0, 1)")
         need(self.model.flat_width >= 1, "model.flat_width must be >= 1")
+        need(self.model.expert_head in ("children", "leaves"),
+             f"model.expert_head must be 'children' or 'leaves', not {self.model.expert_head!r}")
+        need(self.model.root_stem_stride in (1, 2), f"model.root_stem_stride must be 1 or 2, not {self.model.root_stem_stride!r}")
         need(self.eval.every >= 0, "eval.every must be >= 0")
         from edgehmoe.fl.aggregation import AGGREGATIONS
 

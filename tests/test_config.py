@@ -34,6 +34,8 @@ def test_defaults_round_trip_through_toml(tmp_path):
         ({"schedule": {"max_missed_rounds": -1}}, r"schedule.max_missed_rounds must be >= 0"),
         ({"schedule": {"max_class_count": 0}}, r"schedule.max_class_count must be in 1 .. 2\*\*40"),
         ({"schedule": {"clip_factor": -2}}, r"schedule.clip_factor must be >= 0"),
+        ({"model": {"expert_head": "leaf"}}, r"model.expert_head must be 'children' or 'leaves', not 'leaf'"),
+        ({"model": {"root_stem_stride": 4}}, r"model.root_stem_stride must be 1 or 2, not 4"),
     ],
 )
 def test_bad_config_names_the_key(d, message):

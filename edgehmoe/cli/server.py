@@ -114,7 +114,9 @@ def cmd_simulate(args) -> int:
     for sec, key, value in (("train", "epochs", args.local_epochs), ("train", "expert_epochs", args.expert_epochs),
                             ("schedule", "weighting", args.weighting), ("train", "batch_size", args.batch_size),
                             ("train", "lr", args.lr), ("model", "flat_width", args.flat_width),
-                            ("model", "expert_width", args.expert_width), ("model", "root_width", args.root_width)):
+                            ("model", "expert_width", args.expert_width), ("model", "root_width", args.root_width),
+                            ("model", "expert_head", args.expert_head),
+                            ("model", "root_stem_stride", args.root_stem_stride)):
         if value is not None:
             d[sec][key] = value
     merged = config_from_dict(d, "simulate options")
@@ -285,6 +287,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--flat-width", type=int, default=None)
     s.add_argument("--expert-width", type=int, default=None)
     s.add_argument("--root-width", type=int, default=None)
+    s.add_argument("--expert-head", choices=["children", "leaves"], default=None,
+                   help="train each expert on its children or on the leaves below it (default: the config's, "
+                        "children; docs/accuracy.md)")
+    s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
+                   help="2: strided first convolution of the root (a quarter of its activations; default 1)")
     s.add_argument("--eval-every", type=int, default=5)
     s.add_argument("--round-timeout", type=float, default=300.0, help="seconds before stragglers are dropped")
     s.add_argument("--threads-per-client", type=int, default=1)
