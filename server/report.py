@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from edgehmoe.core.kinds import FLAT, HMOE
 
-__all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label"]
+__all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label",
+           "gmacs_per_example"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +76,51 @@ def _weighted_median(values: list, weights: list) -> float:
     return float(np.median(np.repeat(np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.int64))))
 
 
-def _val_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
-    """(round, cumulative client ms, val info-F1) at each evaluated round."""
-    out, cum = [], 0.0
+def _row_gmacs(r: dict, gmacs_per_example: Mapping[int, float]) -> float:
+    """Training GMACs the devices spent in one metrics row (cost model, not a clock)."""
+    total = sum(gmacs_per_example.get(int(d["node"]), 0.0) * d["num_examples"] for d in r.get("per_device", []))
+    if r.get("detail") == "summary":
+        total += sum(gmacs_per_example.get(int(n), 0.0) * st["num_examples"]
+                     for n, st in (r.get("per_node") or {}).items())
+    return float(total)
+
+
+def _val_curve(rows: list[dict], gmacs_per_example: Mapping[int, float] | None = None) -> list[tuple]:
+    """(round, cumulative client ms, val info-F1, cumulative client GMACs) at each evaluated round.
+
+    GMACs come from the cost model (``gmacs_per_example``: node → training GMACs of one task
+    example, epochs included); ``None`` without it. Unlike the clocks they do not depend on
+    how busy the machine was.
+    """
+    out, cum, cum_g = [], 0.0, 0.0
     for r in rows:
         cum += sum(d["round_time_ms"] for d in r.get("per_device", []))
         if r.get("detail") == "summary":  # compact row: the sums per expert
             cum += sum(st["round_time_ms"]["sum"] for st in (r.get("per_node") or {}).values())
+        if gmacs_per_example is not None:
+            cum_g += _row_gmacs(r, gmacs_per_example)
         if "val_info_f1" in r:
-            out.append((r["round"] + 1, cum, r["val_info_f1"]))
+            out.append((r["round"] + 1, cum, r["val_info_f1"], cum_g if gmacs_per_example is not None else None))
     return out
+
+
+def gmacs_per_example(specs: Mapping[int, Mapping], epochs: float, expert_epochs: float = 0) -> dict[int, float]:
+    """node → training GMACs of one example of one task (``train.epochs`` for the root and the
+    flat model, ``train.expert_epochs`` (0 = epochs) for the other experts), from the cost model."""
+    from edgehmoe.model.cost import train_macs
+
+    return {int(n): train_macs(a, (expert_epochs or epochs) if int(n) > 0 else epochs) / 1e9
+            for n, a in specs.items()}
+
+
+def _equal_at(curve: list, target: float, axis: int) -> tuple[int, float, float | None, float]:
+    """Flat's curve read at ``target`` on ``axis`` (1: client ms, 3: GMACs): nearest evaluated
+    round, its cost, the value interpolated linearly from (0, 0) (None past its end), and the
+    nearest round's value."""
+    cums = [0.0] + [c[axis] for c in curve]
+    f1s = [0.0] + [c[2] for c in curve]
+    near = min(curve, key=lambda c: abs(c[axis] - target))
+    return near[0], near[axis], (float(np.interp(target, cums, f1s)) if target <= cums[-1] else None), near[2]
 
 
 # Dataset kinds whose name says which data it is; for the others the file name does.
@@ -125,8 +162,10 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             "params": flat["params"],
             "total_client_ms": costs.get("total_time_ms", 0.0),
             "metrics": flat["metrics"],
-            "val_curve": _val_curve(flat["rows"]),
+            "val_curve": _val_curve(flat["rows"], flat.get("gmacs_per_example")),
         }
+        if flat.get("gmacs_per_example") is not None:
+            s[FLAT]["total_client_gmacs"] = float(sum(_row_gmacs(r, flat["gmacs_per_example"]) for r in flat["rows"]))
     if hmoe is not None:
         tree = hmoe["tree"]
         costs = per_node_costs(hmoe["rows"])
@@ -152,26 +191,39 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             "total_client_ms": float(sum(c["total_time_ms"] for c in costs.values())),
             "experts": experts,
             "metrics": hmoe["metrics"],
-            "val_curve": _val_curve(hmoe["rows"]),
+            "val_curve": _val_curve(hmoe["rows"], hmoe.get("gmacs_per_example")),
             "experts_never_trained": [e["name"] for e in experts if e["device_rounds"] == 0],
         }
+        if hmoe.get("gmacs_per_example") is not None:
+            s[HMOE]["total_client_gmacs"] = float(sum(_row_gmacs(r, hmoe["gmacs_per_example"]) for r in hmoe["rows"]))
     if flat is not None and hmoe is not None:
         # Equal total client compute: flat's validation info-F1 interpolated (linearly in
         # cumulative client time, between its evaluated rounds; from 0 compute = no skill)
         # at what the whole HMoE run spent. Extrapolation is not attempted.
         curve = s[FLAT]["val_curve"]
+        hmoe_f1 = s[HMOE]["val_curve"][-1][2] if s[HMOE]["val_curve"] else None
         if curve:
             target = s[HMOE]["total_client_ms"]
-            cums = [0.0] + [c[1] for c in curve]
-            f1s = [0.0] + [c[2] for c in curve]
-            r, cum, _ = min(curve, key=lambda c: abs(c[1] - target))
+            r, cum, f1, f1_near = _equal_at(curve, target, 1)
             s["equal_compute"] = {
                 "hmoe_total_client_ms": target,
                 "flat_round": r,
                 "flat_total_client_ms": cum,
-                "flat_val_info_f1": float(np.interp(target, cums, f1s)) if target <= cums[-1] else None,
-                "flat_val_info_f1_nearest_round": next(c[2] for c in curve if c[0] == r),
-                "hmoe_val_info_f1": s[HMOE]["val_curve"][-1][2] if s[HMOE]["val_curve"] else None,
+                "flat_val_info_f1": f1,
+                "flat_val_info_f1_nearest_round": f1_near,
+                "hmoe_val_info_f1": hmoe_f1,
+            }
+        if curve and "total_client_gmacs" in s[HMOE] and curve[0][3] is not None:
+            # The same comparison on the cost model's training MACs: immune to machine load.
+            target = s[HMOE]["total_client_gmacs"]
+            r, cum, f1, f1_near = _equal_at(curve, target, 3)
+            s["equal_compute_macs"] = {
+                "hmoe_total_client_gmacs": target,
+                "flat_round": r,
+                "flat_total_client_gmacs": cum,
+                "flat_val_info_f1": f1,
+                "flat_val_info_f1_nearest_round": f1_near,
+                "hmoe_val_info_f1": hmoe_f1,
             }
     return s
 
@@ -241,6 +293,14 @@ def format_table(s: dict) -> str:
         lines.append(
             f"Equal client compute ({eq['hmoe_total_client_ms'] / 1000:.1f} s for HMoE): flat val info-F1 "
             f"{flat_f1} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')} (validation split)"
+        )
+    eqm = s.get("equal_compute_macs")
+    if eqm:
+        flat_f1 = (f"{eqm['flat_val_info_f1']:.4f} (interpolated)" if eqm["flat_val_info_f1"] is not None
+                   else f"n/a (flat spent less in all its rounds; {eqm['flat_val_info_f1_nearest_round']:.4f} at its end)")
+        lines.append(
+            f"Equal client training MACs ({eqm['hmoe_total_client_gmacs'] / 1000:.2f} TMAC for HMoE, cost model): "
+            f"flat val info-F1 {flat_f1} vs HMoE {_num(eqm['hmoe_val_info_f1'], '{:.4f}')}"
         )
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import require_tool
 
@@ -100,6 +101,41 @@ def test_equal_compute_interpolates_flat_curve():
     assert s["equal_compute"]["flat_val_info_f1"] == pytest.approx(0.3)
     assert s["equal_compute"]["hmoe_val_info_f1"] == pytest.approx(0.3)
     assert s["flat"]["round_time_ms"] == 100.0 and s["hmoe"]["experts"][0]["round_time_ms"] == 50.0
+    assert "equal_compute_macs" not in s  # no cost model given: clocks only
+
+
+def test_equal_compute_on_the_cost_model_counts_examples_times_macs():
+    from edgehmoe.server.report import build_summary, format_table, gmacs_per_example
+    from tree9 import tree9
+
+    from edgehmoe.model.cost import train_macs
+
+    def rows(nodes, evals, examples=5):
+        return [{"round": i, "per_device": [{"node": n, "round_time_ms": 1.0, "round_mem_mb": 1.0, "peak_rss_mb": 2.0,
+                                            "num_examples": examples}], **({"val_info_f1": evals[i]} if i in evals else {})}
+                for i, n in enumerate(nodes)]
+
+    arch = {"width": 4, "num_outputs": 3, "input_size": 8, "in_channels": 3, "kind": "cnn3"}
+    flat_arch = dict(arch, width=8, num_outputs=5)
+    # epochs 2 for the root and flat, 1 for the other experts
+    hg = gmacs_per_example({0: arch, 1: arch, 2: arch, 6: arch}, epochs=2, expert_epochs=1)
+    fg = gmacs_per_example({-1: flat_arch}, epochs=2)
+    assert hg[0] == pytest.approx(train_macs(arch, 2) / 1e9) and hg[1] == pytest.approx(train_macs(arch, 1) / 1e9)
+    assert fg[-1] == pytest.approx(train_macs(flat_arch, 2) / 1e9)
+    metrics = {"info_f1": 0.5, "top1": 0.5}
+    flat = {"rows": rows([-1] * 4, {1: 0.2, 3: 0.6}), "metrics": metrics, "params": 10, "gmacs_per_example": fg}
+    hmoe = {"rows": rows([0, 1, 2, 6, 0], {4: 0.45}), "metrics": metrics, "params": {0: 1, 1: 1, 2: 1, 6: 1},
+            "tree": tree9(), "gmacs_per_example": hg}
+    s = build_summary("x", 4, 1, hmoe, flat)
+    spent = 5 * (2 * hg[0] + 3 * hg[1])
+    assert s["hmoe"]["total_client_gmacs"] == pytest.approx(spent)
+    assert s["flat"]["total_client_gmacs"] == pytest.approx(4 * 5 * fg[-1])
+    eq = s["equal_compute_macs"]
+    # flat: 0.2 after 2 rounds, 0.6 after 4; linear from (0, 0) through those points
+    per_round = 5 * fg[-1]
+    expected = np.interp(spent, [0, 2 * per_round, 4 * per_round], [0, 0.2, 0.6])
+    assert eq["flat_val_info_f1"] == pytest.approx(expected) and eq["hmoe_val_info_f1"] == 0.45
+    assert "Equal client training MACs" in format_table(s)
 
 
 def test_simulate_with_leaf_heads_and_a_strided_root_trains_exports_and_agrees(tmp_path):
