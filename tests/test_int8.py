@@ -213,3 +213,30 @@ def test_extend_then_export_int8(bundles, tmp_path, capsys):
     assert {k: e["sha256"] for k, e in a["experts"].items()} == {k: e["sha256"] for k, e in b["experts"].items()}
     np.testing.assert_array_equal(BundlePredictor(tmp_path / "ext8").predict_greedy(xt)[0],
                                   BundlePredictor(int8).predict_greedy(xt)[0])
+
+
+def test_calibration_ranges_come_from_every_batch():
+    """Regression: with ONNX Runtime's CalibMaxIntermediateOutputs the MinMax calibrator threw
+    flushed batches away, so the ranges came from the last batches only (and 4, 8, ... batches
+    raised "No data is collected"). One batch of bright images first, then dim ones: the int8
+    network must still represent the bright images."""
+    from edgehmoe.export.bundle import export_network
+    from edgehmoe.export.quantize import _BATCH, quantize_network
+    from edgehmoe.model.arch import ArchSpec, build_model
+
+    torch.manual_seed(0)
+    net = build_model(ArchSpec(width=4, num_outputs=3, input_size=8)).eval()
+    data = export_network(net, 8)
+    rng = np.random.default_rng(0)
+    bright = rng.uniform(4.0, 8.0, size=(_BATCH, 3, 8, 8)).astype(np.float32)
+    dim = rng.uniform(-0.1, 0.1, size=(3 * _BATCH, 3, 8, 8)).astype(np.float32)
+    q = quantize_network(data, np.concatenate([bright, dim]))  # 4 batches
+    import onnxruntime as ort
+
+    def run(model: bytes, x):
+        return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    ref, got = run(data, bright), run(q, bright)
+    # int8 error on the bright images is a small fraction of their logit range (clipped to the
+    # dim images' range it would be of the order of the range itself)
+    assert np.abs(got - ref).max() < 0.1 * (ref.max() - ref.min()), (np.abs(got - ref).max(), ref.max() - ref.min())
