@@ -245,3 +245,27 @@ def test_worker_reports_a_failed_job_as_one_tagged_line():
     assert cmd[1:3] == ["-m", "edgehmoe.measure.worker"]
     assert o.returncode == 1 and o.result["ok"] is False
     assert o.result["error"].startswith("FileNotFoundError") and "/does/not/exist.npz" in o.result["error"]
+
+
+@pytest.mark.slow
+def test_profile_measures_the_leaf_head_and_strided_root_architecture(tmp_path, tree):
+    """--expert-head leaves --root-stem-stride 2 profile the networks a run with those options
+    trains: the root's last layer has one logit per leaf (20), its first conv is strided, and it
+    trains on every client sample (targets are leaves)."""
+    from edgehmoe.model.arch import count_params, expert_specs
+
+    out = tmp_path / "prof.json"
+    argv = ["--dataset", SPEC, "--samples-per-client", "100", "--repeats", "1", "--batch-size", "32", "--quiet",
+            "--expert-head", "leaves", "--root-stem-stride", "2", "--json", str(out)]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        assert profile_main(argv) == 0
+    res = json.loads(out.read_text())
+    assert (res["expert_head"], res["root_stem_stride"]) == ("leaves", 2)
+    specs = expert_specs(tree, 32, head="leaves", root_stem_stride=2)
+    root = next(e for e in res["experts"] if e["node"] == 0)
+    assert specs[0].leaf_groups is not None and specs[0].stem_stride == 2
+    assert root["params"] == count_params(specs[0]) and root["samples"] == 100 and root["round_time_ms"] > 0
+    assert "experts on leaves, root stem stride 2" in buf.getvalue()

@@ -206,15 +206,16 @@ class Model:
     label_map: list[int]
 
 
-def _models(ds, y: np.ndarray, flat_width: int) -> list[Model]:
-    from edgehmoe.model.arch import expert_specs, flat_spec
+def _models(ds, y: np.ndarray, flat_width: int, head: str = "children", root_stem_stride: int = 1) -> list[Model]:
+    from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
 
     tree = ds.hierarchy
     size = int(ds.x.shape[1])
     flat = flat_spec(tree, input_size=size, width=flat_width)
     models = [Model("flat", None, "Flat Softmax", None, None, len(y), flat.to_dict(), list(range(tree.num_classes)))]
-    for node, spec in expert_specs(tree, input_size=size, flat_width=flat_width).items():
-        lm = tree.label_map(node)
+    specs = expert_specs(tree, input_size=size, flat_width=flat_width, head=head, root_stem_stride=root_stem_stride)
+    for node, spec in specs.items():
+        lm = expert_label_map(tree, node, spec)  # a leaf head's targets are the leaves below it
         models.append(Model(
             str(node), int(node), tree.names[node], int(tree.depths[node]), int(tree.num_children[node]),
             int(np.count_nonzero(lm[y] >= 0)), spec.to_dict(), lm.tolist(),
@@ -473,7 +474,9 @@ def format_tables(res: dict) -> str:
     lines = [
         f"Per-round cost, {res['dataset_name']} ({res['dataset']}): {res['samples_per_client']} samples/client, "
         f"batch {res['batch_size']}, {res['epochs']:g} epoch(s), {res['threads']} thread(s), "
-        f"median of {res['repeats']} fresh process(es){', cold' if not res['warmup'] else ''}",
+        f"median of {res['repeats']} fresh process(es){', cold' if not res['warmup'] else ''}"
+        f"{', experts on ' + res['expert_head'] if res.get('expert_head', 'children') != 'children' else ''}"
+        f"{', root stem stride ' + str(res['root_stem_stride']) if res.get('root_stem_stride', 1) != 1 else ''}",
         "",
         f"{'model':<14} {'time/round ms':>14} {'% flat':>7} {'memory/round MB':>16} {'% flat':>7} "
         f"{'params':>9} {'% flat':>7} {'info-F1':>8} {'cpu ms':>9} {'% flat':>7}",
@@ -607,7 +610,8 @@ def profile(args: argparse.Namespace) -> dict:
     mech = limit_mechanism(args.limit_mechanism) if args.memory_limit_mb is not None else None
     load_start = _loadavg()
     ds, x, y, mean, std = _load_client(args.dataset, args.samples_per_client, args.seed)
-    models = _models(ds, y, args.flat_width)
+    head, stride = getattr(args, "expert_head", "children"), getattr(args, "root_stem_stride", 1)
+    models = _models(ds, y, args.flat_width, head, stride)
     if not args.quiet:
         print(f"{ds.name}: {len(y)} client samples, {ds.num_classes} classes, {len(models) - 1} experts, "
               f"{args.repeats} repeat(s) -> {sum(1 for m in models if m.samples) * args.repeats} fresh processes",
@@ -634,6 +638,8 @@ def profile(args: argparse.Namespace) -> dict:
         "jobs": args.jobs,
         "seed": args.seed,
         "flat_width": args.flat_width,
+        "expert_head": head,
+        "root_stem_stride": stride,
         "warmup": not args.cold,
         "flat": flat,
         "experts": experts,
