@@ -221,3 +221,20 @@ def test_exported_models_are_self_contained(signed):
         check_onnx_self_contained((signed / entry["file"]).read_bytes())  # no false positive
     with pytest.raises(IntegrityError, match="not a valid ONNX file"):
         check_onnx_self_contained(b"\x0a\xff\xff\xff\xff\x0f")
+
+
+def test_evaluate_bundle_checks_the_signature_with_verify_key(signed, keys, tmp_path, capsys):
+    from edgehmoe.cli.main import main as edgehmoe_main
+
+    spec = f"synthetic:coarse=2,fine=2,per_class=16,size={SIZE},seed=0"
+    assert bundle_main(["bundle", "keygen", "--out", str(tmp_path / "other")]) == 0
+    other = tmp_path / "other" / "bundle-signing.pub"
+    # signed with another key: refused in one line
+    assert edgehmoe_main(["evaluate", "--bundle", str(signed), "--dataset", spec, "--verify-key", str(other),
+                          "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "signed with another key" in err and "Traceback" not in err
+    os.environ.pop(BUNDLE_PUBKEY_ENV, None)
+    assert edgehmoe_main(["evaluate", "--bundle", str(signed), "--dataset", spec, "--verify-key", str(keys[1]),
+                          "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["info_f1"] <= 1

@@ -239,7 +239,9 @@ def cmd_evaluate(args) -> int:
     _check_before_loading_data(args, bundle=args.bundle, model_dir=args.model_dir)
     ds = load_data(args)
     if args.bundle:
-        from edgehmoe.cli.bundle import evaluate_bundle
+        from edgehmoe.cli.bundle import _use_verify_key, evaluate_bundle
+
+        _use_verify_key(args)
 
         m = evaluate_bundle(args.bundle, ds.x, ds.y, model="hmoe" if args.model == "auto" else args.model,
                             beam=args.beam, threshold=args.threshold, threads=args.threads,
@@ -366,6 +368,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", type=float, default=None, help="non-mandatory prediction: stop below this path probability")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", action="store_true")
+    from edgehmoe.cli.bundle import add_verify_key_arg
+
+    add_verify_key_arg(e)  # with --bundle
     e.set_defaults(func=cmd_evaluate)
 
     try:
