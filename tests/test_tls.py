@@ -176,15 +176,40 @@ def test_tls_refuses_a_broker_certificate_for_another_name(tmp_path: Path, pki) 
 def test_mutual_tls_refuses_a_client_without_a_certificate(tls_broker, pki) -> None:
     b = tls_broker(require_certificate=True)
     started = time.monotonic()
-    with pytest.raises(ConnectionError, match="requires a client certificate: give --certfile and --keyfile"):
+    from edgehmoe.fl.mqtt import BrokerRefused
+
+    with pytest.raises(BrokerRefused, match="requires a client certificate: give --certfile and --keyfile"):
         connect(b, "dev-a", cafile=pki["ca"])
     assert time.monotonic() - started < 5  # the handshake failure ends connect() at once
 
 
 def test_mutual_tls_refuses_a_certificate_from_another_ca(tls_broker, pki) -> None:
+    from edgehmoe.fl.mqtt import BrokerRefused
+
     b = tls_broker(require_certificate=True)
-    with pytest.raises(ConnectionError, match="rejected our client certificate: it must be signed by the broker's CA"):
+    with pytest.raises(BrokerRefused, match="rejected our client certificate: it must be signed by the broker's CA"):
         connect(b, "dev-a", cafile=pki["ca"], cert=pki["rogue"])
+
+
+def test_device_client_gives_up_at_once_when_the_broker_requires_a_certificate(tls_broker, pki, tmp_path) -> None:
+    """Retrying cannot fix a missing client certificate: `edgehmoe-client` exits 2 with the
+    hint instead of retrying forever (it does retry an unreachable broker)."""
+    from edgehmoe.data.partition import make_partitioner, write_shards
+    from edgehmoe.data import load_dataset
+
+    b = tls_broker(require_certificate=True)
+    shard = write_shards(load_dataset("synthetic:coarse=2,fine=2,per_class=4,size=8", "train"),
+                         make_partitioner("iid", 1, 0), tmp_path / "shards")[0]
+    (tmp_path / "pw").write_text(b.passwords["dev-a"])
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "edgehmoe.cli.client", "--broker", f"mqtts://localhost:{b.port}",
+                        "--device-id", "dev-a", "--data", str(shard), "--run", RUN, "--password-file",
+                        str(tmp_path / "pw"), "--cafile", str(pki["ca"]), "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "requires a client certificate: give --certfile and --keyfile" in p.stderr
+    assert "retrying" not in p.stderr and "Traceback" not in p.stderr
+    assert time.monotonic() - started < 60
 
 
 def test_mutual_tls_round_trip_with_certificates(tls_broker, pki) -> None:

@@ -22,6 +22,7 @@ from edgehmoe.cli.common import (
 )
 from edgehmoe.errors import UsageError
 from edgehmoe.fl.client import DeviceClient
+from edgehmoe.fl.mqtt import BrokerRefused
 
 __all__ = ["main", "get_args_parser"]
 
@@ -94,9 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             rc = client.serve()
             break
+        except BrokerRefused:
+            raise  # wrong credentials or client certificate: retrying cannot help (one line, exit 2)
         except ConnectionError as e:
-            if "refused" in str(e).lower() and ("auth" in str(e).lower() or "password" in str(e).lower()):
-                raise  # wrong credentials: retrying cannot help (one line, exit 2)
             logger.warning("cannot reach the broker (%s); retrying in %.0f s", e, delay)
             client.stop.wait(delay)
             delay = min(delay * 2, 60.0)

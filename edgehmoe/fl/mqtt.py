@@ -65,6 +65,7 @@ __all__ = [
     "Will",
     "MqttError",
     "PublishRefused",
+    "BrokerRefused",
     "MqttConnection",
 ]
 
@@ -250,6 +251,12 @@ class MqttError(EdgeHmoeError, RuntimeError):
     exit_code = 1
 
     """An MQTT operation failed (not connected in time, refused subscription, ...)."""
+
+
+class BrokerRefused(ConnectionError):
+    """The broker refused us for a reason retrying cannot fix: bad credentials, a client
+    certificate it requires but we lack, or ours signed by another CA. (A certificate that
+    is not valid *yet* is not one of them: a Pi without a clock is early until NTP runs.)"""
 
 
 class PublishRefused(MqttError):
@@ -610,19 +617,23 @@ class MqttConnection:
         self._shutdown()
         if refusal is None and tls_error is not None:
             hint = "check --cafile, and the broker's certificate and host name"
+            permanent = True
             if "certificate required" in tls_error.lower() or "CERTIFICATE_REQUIRED" in tls_error:
                 hint = ("the broker requires a client certificate: give --certfile and --keyfile "
                         "(EDGEHMOE_CERTFILE/EDGEHMOE_KEYFILE; edgehmoe-server credentials add --client-cert)")
             elif "unknown ca" in tls_error.lower() or "bad certificate" in tls_error.lower():
                 hint = "the broker rejected our client certificate: it must be signed by the broker's CA"
-            raise ConnectionError(
+            else:
+                permanent = False  # e.g. the broker's certificate is not valid yet on a clock not set
+            raise (BrokerRefused if permanent else ConnectionError)(
                 f"TLS connection of client {self.client_id!r} to MQTT broker {self.host}:{self.port} failed: "
                 f"{tls_error}; {hint}")
         if refusal is not None:
             code = _reason_value(refusal)
             # Mosquitto 2 answers a wrong password with 0x87 "not authorized", not 0x86.
             # 4 and 5 are the MQTT 3.1.1 CONNACK codes for the same two cases.
-            if code in (_RC_BAD_CREDENTIALS, _RC_NOT_AUTHORIZED, 4, 5):
+            refused = code in (_RC_BAD_CREDENTIALS, _RC_NOT_AUTHORIZED, 4, 5)
+            if refused:
                 if self._username is None:
                     hint = ("not authorized: the broker does not accept anonymous clients; give a user "
                             "name and a password file")
@@ -631,7 +642,8 @@ class MqttConnection:
                             f"({refusal}); check the user name and the password file")
             else:
                 hint = str(refusal)
-            raise ConnectionError(f"MQTT broker {self.host}:{self.port} refused client {self.client_id!r}: {hint}")
+            raise (BrokerRefused if refused else ConnectionError)(
+                f"MQTT broker {self.host}:{self.port} refused client {self.client_id!r}: {hint}")
         raise ConnectionError(f"no answer (CONNACK) from MQTT broker {self.host}:{self.port} within {timeout} s")
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
