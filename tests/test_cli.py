@@ -189,13 +189,13 @@ def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsy
 
     # Prepare: what the cost model says for this data and tree
     train = load_dataset(TINY, "train")
-    specs = expert_specs(train.hierarchy, 16, head="leaves")
+    specs = expert_specs(train.hierarchy, 16, head="leaves", root_stem_stride=2)  # fit's defaults
     flat = flat_spec(train.hierarchy, 16).to_dict()
     per_node = {n: (s.to_dict(), int((expert_label_map(train.hierarchy, n, s)[train.y] >= 0).sum())) for n, s in specs.items()}
     expected = equal_compute_epochs(flat, len(train), 3, per_node)
     caplog.set_level("INFO", logger="edgehmoe")
     # Execute
-    r = _fit_json(capsys, "--model", "both", "--epochs", "3", "--equal-compute", "--expert-head", "leaves",
+    r = _fit_json(capsys, "--model", "both", "--epochs", "3", "--equal-compute",
                   "--out", str(tmp_path / "m"), quiet=False, batch_size=9)
     # Assert: epochs from the cost model, MACs reported for both and equal up to the last batch
     # (batches of 9 divide the 162 images and each superclass's 81)
@@ -214,6 +214,12 @@ def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsy
     # the root's leaf head is in the model directory
     model = json.loads((tmp_path / "m" / "model.json").read_text())
     assert model["models"]["hmoe"]["experts"]["0"]["arch"]["leaf_groups"] == [0, 0, 0, 1, 1, 1]
+    assert model["models"]["hmoe"]["experts"]["0"]["arch"]["stem_stride"] == 2
+    # --expert-head children --root-stem-stride 1 give the plain networks
+    r = _fit_json(capsys, "--model", "hmoe", "--epochs", "1", "--expert-head", "children", "--root-stem-stride", "1",
+                  "--out", str(tmp_path / "plain"), batch_size=9)
+    root = json.loads((tmp_path / "plain" / "model.json").read_text())["models"]["hmoe"]["experts"]["0"]["arch"]
+    assert "leaf_groups" not in root and root.get("stem_stride", 1) == 1 and r["hmoe"]["expert_head"] == "children"
 
 
 def test_fit_leaf_head_distilled_calibrated_bundle_predicts_as_torch(fitted, tmp_path, capsys):

@@ -332,12 +332,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     g = f.add_argument_group("hierarchical model (see docs/accuracy.md for what each option measured)")
-    g.add_argument("--expert-head", choices=["children", "leaves"], default="children",
+    g.add_argument("--expert-head", choices=["children", "leaves"], default="leaves",
                    help="train each expert on its children, or on the leaves below it with the network "
-                        "summing leaf probabilities into children (same bundle format) (default children)")
-    g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=1,
+                        "summing leaf probabilities into children (same bundle format) (default leaves: "
+                        "measured best, docs/accuracy.md)")
+    g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution: 2 runs the root at half resolution "
-                        "(a quarter of its activation memory and MACs per width) (default 1)")
+                        "(a quarter of its activation memory and MACs per width) (default 2: measured best)")
     g.add_argument("--equal-compute", action="store_true",
                    help="give the hierarchical model the training MACs of --epochs flat epochs "
                         "(its epochs are computed from the cost model)")
