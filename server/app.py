@@ -148,6 +148,8 @@ class AggregationServer:
         from edgehmoe.model.training import state_arrays
 
         self.store.check(self.resume, self.cfg.run.name)  # before the (slow) data loading
+        if self.resume:
+            self._keep_run_architecture()
         self.val, mean, std = self._load_eval_data()
         self.tree = self.val.hierarchy
         self.specs = self._specs(self.tree, self.val.image_size)
@@ -174,6 +176,21 @@ class AggregationServer:
             self.registry = DeviceRegistry(self.tree.num_classes, self.clock, **self._registry_limits())
         self.scheduler = Scheduler(self.tree, self.cfg.model.kind, self.cfg.schedule.mode,
                                    self.cfg.schedule.weighting, self.memory_need, self.state.credits)
+
+    def _keep_run_architecture(self) -> None:
+        """On --resume the networks are the run's: take ``[model] expert_head`` and
+        ``root_stem_stride`` from its own config.toml (a stride change keeps every weight shape,
+        so the weight check below could not catch it)."""
+        from edgehmoe.server.config import run_architecture
+
+        saved = self.out / "config.toml"
+        if not saved.is_file():
+            return
+        for key, value in run_architecture(saved).items():
+            if getattr(self.cfg.model, key) != value:
+                logger.warning("resuming %s: the run was created with model.%s = %r (the config says %r); keeping %r",
+                               self.out, key, value, getattr(self.cfg.model, key), value)
+                setattr(self.cfg.model, key, value)
 
     def _check_resumed_weights(self, state_arrays, build_model) -> None:
         """The committed weights fit the configured networks (names, shapes, dtypes), or a

@@ -69,8 +69,13 @@ class ModelSection:
     min_width: int = 4
     # What each expert is trained on: "children" (its child index) or "leaves" (every leaf
     # below it, summed into children by the network; docs/accuracy.md). Same bundle format.
-    expert_head: str = "children"
-    root_stem_stride: int = 1  # 2: the root's first convolution is strided (1/4 of its activations)
+    expert_head: str = "leaves"
+    root_stem_stride: int = 2  # 2: the root's first convolution is strided (1/4 of its activations)
+
+
+# What a run directory created before [model] expert_head / root_stem_stride existed trained;
+# a config that does not name them gets the defaults above (measured best, docs/accuracy.md).
+LEGACY_ARCHITECTURE = {"expert_head": "children", "root_stem_stride": 1}
 
 
 @dataclass
@@ -204,6 +209,16 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                 )
             setattr(sec, key, value)
     return cfg.validate()
+
+
+def run_architecture(saved_config: str | Path) -> dict[str, Any]:
+    """``expert_head`` and ``root_stem_stride`` of the run whose ``config.toml`` this is (the
+    legacy values when it predates them): on ``--resume`` the run's networks are fixed by it."""
+    try:
+        model = tomllib.loads(Path(saved_config).read_text()).get("model", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{saved_config}: cannot read the run's own config: {e}") from None
+    return {k: model.get(k, v) if isinstance(model, dict) else v for k, v in LEGACY_ARCHITECTURE.items()}
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -112,7 +112,8 @@ def test_smoke_params_match_the_specs(smoke, tree):
     from edgehmoe.model.arch import count_params, expert_specs, flat_spec
 
     res = json.loads(smoke["json"].read_text())
-    specs = expert_specs(tree, input_size=32, flat_width=32)
+    specs = expert_specs(tree, input_size=32, flat_width=32, head="leaves", root_stem_stride=2)  # the defaults
+    assert (res["expert_head"], res["root_stem_stride"]) == ("leaves", 2)
     for e in res["experts"]:
         assert e["params"] == count_params(specs[e["node"]])
         assert e["width"] == specs[e["node"]].width
@@ -248,24 +249,25 @@ def test_worker_reports_a_failed_job_as_one_tagged_line():
 
 
 @pytest.mark.slow
-def test_profile_measures_the_leaf_head_and_strided_root_architecture(tmp_path, tree):
-    """--expert-head leaves --root-stem-stride 2 profile the networks a run with those options
-    trains: the root's last layer has one logit per leaf (20), its first conv is strided, and it
-    trains on every client sample (targets are leaves)."""
+def test_profile_measures_the_architecture_a_run_trains(tmp_path, tree):
+    """--expert-head children --root-stem-stride 1 profile the networks a run with those options
+    trains (the defaults, leaves and 2, are the smoke run's): a plain root (one logit per child,
+    full resolution) that still trains on every client sample."""
     from edgehmoe.model.arch import count_params, expert_specs
 
     out = tmp_path / "prof.json"
     argv = ["--dataset", SPEC, "--samples-per-client", "100", "--repeats", "1", "--batch-size", "32", "--quiet",
-            "--expert-head", "leaves", "--root-stem-stride", "2", "--json", str(out)]
+            "--expert-head", "children", "--root-stem-stride", "1", "--json", str(out)]
     import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()) as buf:
         assert profile_main(argv) == 0
     res = json.loads(out.read_text())
-    assert (res["expert_head"], res["root_stem_stride"]) == ("leaves", 2)
-    specs = expert_specs(tree, 32, head="leaves", root_stem_stride=2)
+    assert (res["expert_head"], res["root_stem_stride"]) == ("children", 1)
+    specs = expert_specs(tree, 32, head="children", root_stem_stride=1)
+    leafy = expert_specs(tree, 32, head="leaves", root_stem_stride=2)
     root = next(e for e in res["experts"] if e["node"] == 0)
-    assert specs[0].leaf_groups is not None and specs[0].stem_stride == 2
+    assert specs[0].leaf_groups is None and count_params(specs[0]) < count_params(leafy[0])  # 4 vs 20 logits
     assert root["params"] == count_params(specs[0]) and root["samples"] == 100 and root["round_time_ms"] > 0
-    assert "experts on leaves, root stem stride 2" in buf.getvalue()
+    assert "experts on children, root stem stride 1" in buf.getvalue()

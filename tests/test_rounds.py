@@ -116,7 +116,7 @@ def const_like(weights: dict, f: float, i: int) -> dict:
 
 
 def make_cfg(tmp_path: Path, kind: str = "hmoe", rounds: int = 1, min_devices: int = 1, eval_every: int = 1,
-             eval_max: int = 5000, max_update_norm: float = 0.0, **schedule):
+             eval_max: int = 5000, max_update_norm: float = 0.0, model: dict | None = None, **schedule):
     """A tiny run config; ``max_update_norm`` is off by default because the scripted updates
     are constants far from the initial weights (tests/test_security_server.py tests the bound)."""
     from edgehmoe.server.config import RunConfig
@@ -127,6 +127,8 @@ def make_cfg(tmp_path: Path, kind: str = "hmoe", rounds: int = 1, min_devices: i
         setattr(cfg.schedule, k, v)
     cfg.run.name, cfg.run.out, cfg.run.dataset, cfg.run.val_fraction = "t-rounds", str(tmp_path / "run"), DATASET, 0.25
     cfg.model.kind, cfg.model.flat_width = kind, 8
+    for k, v in (model or {}).items():
+        setattr(cfg.model, k, v)
     cfg.schedule.rounds, cfg.schedule.min_devices = rounds, min_devices
     cfg.schedule.round_timeout_s, cfg.schedule.wait_for_devices_s = TIMEOUT, 5.0
     cfg.train.batch_size = 8
@@ -206,7 +208,8 @@ def test_round_aggregates_valid_results_and_rejects_the_rest_with_reasons(tmp_pa
                                "z-late": "late"}
     assert row["rejected"] == {
         "c-nan": "undecodable result: TrainResult: tensor 'w/classifier.bias' contains NaN or inf",
-        "d-shape": "parameter 'classifier.bias' has shape (5,), expected (2,)",
+        # the root's classifier: one logit per leaf below it (leaf head, the default): 6
+        "d-shape": "parameter 'classifier.bias' has shape (5,), expected (6,)",
         "e-names": "missing parameter 'classifier.weight'",
         "z-late": "arrived 0.5 s after the deadline",
     }

@@ -20,14 +20,14 @@ from test_rounds import const_like, make_server
 from edgehmoe.errors import EdgeHmoeError
 
 
-def finished_run(tmp_path, rounds: int = 2):
+def finished_run(tmp_path, rounds: int = 2, **cfg_kw):
     """A run directory after ``rounds`` committed rounds, and a function making a resumer."""
     from edgehmoe.server.app import AggregationServer
 
     def reply(dev, task):
         return [fake.result(dev, task, const_like(task.weights, 1.0, 1), 60 if task.node == 0 else 30)]
 
-    server, fake, clock = make_server(tmp_path, reply, ["a"], rounds=rounds, eval_every=0)
+    server, fake, clock = make_server(tmp_path, reply, ["a"], rounds=rounds, eval_every=0, **cfg_kw)
     server.run()
 
     def resumer(**cfg_changes):
@@ -137,3 +137,37 @@ def test_resume_refuses_a_run_directory_of_another_run(tmp_path):
     out, _, resumer = finished_run(tmp_path)
     with pytest.raises(RunDirError, match="holds run 't-rounds', not 'other-run'"):
         resumer(name="other-run").prepare()
+
+
+
+def test_resume_keeps_the_architecture_the_run_was_created_with(tmp_path, caplog):
+    """A run created before [model] expert_head / root_stem_stride existed (its config.toml does
+    not name them) trained plain heads at full resolution. --resume with today's defaults (leaf
+    heads, strided root) keeps the run's networks with a warning instead of failing, or worse:
+    a stride change keeps every weight shape, so the weight check alone would let another
+    network train on from these weights."""
+    import re
+
+    from edgehmoe.server.config import RunConfig, run_architecture
+
+    # Prepare: a run as an older version wrote it (plain heads, stride 1, keys absent)
+    out, server, resumer = finished_run(tmp_path, model={"expert_head": "children", "root_stem_stride": 1})
+    text = (out / "config.toml").read_text()
+    assert 'expert_head = "children"' in text and "root_stem_stride = 1" in text
+    (out / "config.toml").write_text(re.sub(r"(?m)^(expert_head|root_stem_stride) = .*\n", "", text))
+    assert run_architecture(out / "config.toml") == {"expert_head": "children", "root_stem_stride": 1}
+    today = RunConfig().model
+    assert (today.expert_head, today.root_stem_stride) == ("leaves", 2)
+    server.cfg.model.expert_head, server.cfg.model.root_stem_stride = today.expert_head, today.root_stem_stride
+    caplog.set_level(logging.WARNING, logger="edgehmoe.server.app")
+    # Execute
+    r = resumer()
+    r.prepare()
+    # Assert: the run's own networks, and the user is told
+    assert (r.cfg.model.expert_head, r.cfg.model.root_stem_stride) == ("children", 1)
+    assert "leaf_groups" not in r.specs[0] and r.specs[0].get("stem_stride", 1) == 1
+    warned = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "model.root_stem_stride = 1" in warned and "model.expert_head = 'children'" in warned
+    # a run that names them keeps what it names
+    out2, _, _ = finished_run(tmp_path / "new")
+    assert run_architecture(out2 / "config.toml") == {"expert_head": "leaves", "root_stem_stride": 2}

@@ -63,11 +63,11 @@ def get_args_parser(add_help: bool = True, prog: str | None = None) -> argparse.
     p.add_argument("--seed", type=int, default=0, help="seed of the client's sample draw and of training (default 0)")
     p.add_argument("--flat-width", type=_positive_int, default=32, metavar="W",
                    help="width of the flat model; expert widths follow from it (default 32)")
-    p.add_argument("--expert-head", choices=["children", "leaves"], default="children",
+    p.add_argument("--expert-head", choices=["children", "leaves"], default="leaves",
                    help="experts trained on their children or on the leaves below them, as in the run "
-                        "being profiled (default children; docs/accuracy.md)")
-    p.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=1,
-                   help="stride of the root's first convolution, as in the run being profiled (default 1)")
+                        "being profiled (default leaves, the run default; docs/accuracy.md)")
+    p.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
+                   help="stride of the root's first convolution, as in the run being profiled (default 2)")
     p.add_argument("--cold", action="store_true",
                    help="skip the warm-up round: measure a process's first round, including torch's "
                    "one-time lazy initialisation")

@@ -289,9 +289,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--root-width", type=int, default=None)
     s.add_argument("--expert-head", choices=["children", "leaves"], default=None,
                    help="train each expert on its children or on the leaves below it (default: the config's, "
-                        "children; docs/accuracy.md)")
+                        "leaves; docs/accuracy.md)")
     s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
-                   help="2: strided first convolution of the root (a quarter of its activations; default 1)")
+                   help="2: strided first convolution of the root (a quarter of its activations); 1: full "
+                        "resolution (default: the config's, 2)")
     s.add_argument("--eval-every", type=int, default=5)
     s.add_argument("--round-timeout", type=float, default=300.0, help="seconds before stragglers are dropped")
     s.add_argument("--threads-per-client", type=int, default=1)

@@ -475,8 +475,7 @@ def format_tables(res: dict) -> str:
         f"Per-round cost, {res['dataset_name']} ({res['dataset']}): {res['samples_per_client']} samples/client, "
         f"batch {res['batch_size']}, {res['epochs']:g} epoch(s), {res['threads']} thread(s), "
         f"median of {res['repeats']} fresh process(es){', cold' if not res['warmup'] else ''}"
-        f"{', experts on ' + res['expert_head'] if res.get('expert_head', 'children') != 'children' else ''}"
-        f"{', root stem stride ' + str(res['root_stem_stride']) if res.get('root_stem_stride', 1) != 1 else ''}",
+        f", experts on {res.get('expert_head', 'children')}, root stem stride {res.get('root_stem_stride', 1)}",
         "",
         f"{'model':<14} {'time/round ms':>14} {'% flat':>7} {'memory/round MB':>16} {'% flat':>7} "
         f"{'params':>9} {'% flat':>7} {'info-F1':>8} {'cpu ms':>9} {'% flat':>7}",
@@ -610,7 +609,7 @@ def profile(args: argparse.Namespace) -> dict:
     mech = limit_mechanism(args.limit_mechanism) if args.memory_limit_mb is not None else None
     load_start = _loadavg()
     ds, x, y, mean, std = _load_client(args.dataset, args.samples_per_client, args.seed)
-    head, stride = getattr(args, "expert_head", "children"), getattr(args, "root_stem_stride", 1)
+    head, stride = getattr(args, "expert_head", "leaves"), getattr(args, "root_stem_stride", 2)
     models = _models(ds, y, args.flat_width, head, stride)
     if not args.quiet:
         print(f"{ds.name}: {len(y)} client samples, {ds.num_classes} classes, {len(models) - 1} experts, "
