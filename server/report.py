@@ -18,7 +18,7 @@ import numpy as np
 from edgehmoe.core.kinds import FLAT, HMOE
 
 __all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label",
-           "gmacs_per_example"]
+           "gmacs_per_example", "val_curve", "equal_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _row_gmacs(r: dict, gmacs_per_example: Mapping[int, float]) -> float:
     return float(total)
 
 
-def _val_curve(rows: list[dict], gmacs_per_example: Mapping[int, float] | None = None) -> list[tuple]:
+def val_curve(rows: list[dict], gmacs_per_example: Mapping[int, float] | None = None) -> list[tuple]:
     """(round, cumulative client ms, val info-F1, cumulative client GMACs) at each evaluated round.
 
     GMACs come from the cost model (``gmacs_per_example``: node → training GMACs of one task
@@ -113,7 +113,7 @@ def gmacs_per_example(specs: Mapping[int, Mapping], epochs: float, expert_epochs
             for n, a in specs.items()}
 
 
-def _equal_at(curve: list, target: float, axis: int) -> tuple[int, float, float | None, float]:
+def equal_at(curve: list, target: float, axis: int) -> tuple[int, float, float | None, float]:
     """Flat's curve read at ``target`` on ``axis`` (1: client ms, 3: GMACs): nearest evaluated
     round, its cost, the value interpolated linearly from (0, 0) (None past its end), and the
     nearest round's value."""
@@ -162,7 +162,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             "params": flat["params"],
             "total_client_ms": costs.get("total_time_ms", 0.0),
             "metrics": flat["metrics"],
-            "val_curve": _val_curve(flat["rows"], flat.get("gmacs_per_example")),
+            "val_curve": val_curve(flat["rows"], flat.get("gmacs_per_example")),
         }
         if flat.get("gmacs_per_example") is not None:
             s[FLAT]["total_client_gmacs"] = float(sum(_row_gmacs(r, flat["gmacs_per_example"]) for r in flat["rows"]))
@@ -191,7 +191,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
             "total_client_ms": float(sum(c["total_time_ms"] for c in costs.values())),
             "experts": experts,
             "metrics": hmoe["metrics"],
-            "val_curve": _val_curve(hmoe["rows"], hmoe.get("gmacs_per_example")),
+            "val_curve": val_curve(hmoe["rows"], hmoe.get("gmacs_per_example")),
             "experts_never_trained": [e["name"] for e in experts if e["device_rounds"] == 0],
         }
         if hmoe.get("gmacs_per_example") is not None:
@@ -204,7 +204,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
         hmoe_f1 = s[HMOE]["val_curve"][-1][2] if s[HMOE]["val_curve"] else None
         if curve:
             target = s[HMOE]["total_client_ms"]
-            r, cum, f1, f1_near = _equal_at(curve, target, 1)
+            r, cum, f1, f1_near = equal_at(curve, target, 1)
             s["equal_compute"] = {
                 "hmoe_total_client_ms": target,
                 "flat_round": r,
@@ -216,7 +216,7 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
         if curve and "total_client_gmacs" in s[HMOE] and curve[0][3] is not None:
             # The same comparison on the cost model's training MACs: immune to machine load.
             target = s[HMOE]["total_client_gmacs"]
-            r, cum, f1, f1_near = _equal_at(curve, target, 3)
+            r, cum, f1, f1_near = equal_at(curve, target, 3)
             s["equal_compute_macs"] = {
                 "hmoe_total_client_gmacs": target,
                 "flat_round": r,
