@@ -218,7 +218,7 @@ class AggregationServer:
         if self.transport is None:
             b = self.cfg.broker
             self.transport = connect_mqtt(b.url, self.cfg.run.name, username=b.username, password=self.password,
-                                          cafile=b.cafile, client_id=b.client_id)
+                                          cafile=b.cafile, client_id=b.client_id, fresh_session=not self.resume)
         self.runner = RoundRunner(self.transport, Topics(self.cfg.run.name), self.registry, self.tree,
                                   clock=self.clock, stop=self.stop,
                                   rules=UpdateRules.from_schedule(self.cfg.schedule))

@@ -145,11 +145,13 @@ class Transport(Protocol):
 
 
 def connect_mqtt(url: str, run: str, *, username: str = "", password: str | None = None, cafile: str = "",
-                 client_id: str = "", timeout: float = 30.0):
+                 client_id: str = "", timeout: float = 30.0, fresh_session: bool = False):
     """The real transport: a connected :class:`~edgehmoe.fl.mqtt.MqttConnection` for the server.
 
     A persistent session (1 h) keeps the server's subscriptions and the devices' QoS 1 results
-    at the broker while the server is briefly away.
+    at the broker while the server is briefly away. ``fresh_session`` (a new run) first drops
+    a session the broker kept for this client id: its subscriptions to another run's topics
+    would deliver that run's messages here.
     """
     from edgehmoe.fl.mqtt import MqttConnection
 
@@ -157,7 +159,7 @@ def connect_mqtt(url: str, run: str, *, username: str = "", password: str | None
         url, client_id=client_id or username or f"edgehmoe-server-{run}", username=username or None, password=password,
         cafile=cafile or None, session_expiry_s=3600,
     )
-    conn.connect(timeout=timeout)
+    conn.connect(timeout=timeout, fresh_session=fresh_session)
     logger.info("server connected to %s as run %r", url, run)
     return conn
 

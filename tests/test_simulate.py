@@ -23,6 +23,9 @@ def test_simulate_writes_table_summary_plots_and_bundle(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     # Table 1 on stdout
     assert "Table 1" in r.stdout and "Flat softmax" in r.stdout and "HMoE max" in r.stdout
+    # the flat phase's server (same broker user, so the same client id) does not inherit the
+    # hmoe phase's broker session: no messages of the other run reach it
+    assert "unexpected topic" not in r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["dataset"].startswith("synthetic") and s["rounds"] == 3 and s["clients"] == 3
     for key in ("info_f1", "round_time_ms", "round_mem_mb"):

@@ -569,11 +569,14 @@ class MqttConnection:
         """
         self._connect_callbacks.append(callback)
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, *, fresh_session: bool = False) -> None:
         """Connect, start the network thread and wait for the broker's CONNACK.
 
         After this returns, dropped connections are re-established automatically (exponential
         back-off between ``reconnect_min_delay`` and ``reconnect_max_delay``).
+        ``fresh_session`` (with ``session_expiry_s``) discards a session the broker kept for
+        this client id (its subscriptions and queued messages, e.g. of an earlier run) on this
+        first connection; reconnects then resume the new session.
 
         :raises ConnectionError: broker unreachable, TLS failure, credentials refused, or no
             CONNACK within ``timeout``.
@@ -584,7 +587,8 @@ class MqttConnection:
             props = Properties(PacketTypes.CONNECT)
             if self._session_expiry_s > 0:
                 props.SessionExpiryInterval = self._session_expiry_s
-                clean_start = False  # resume the session the broker kept for us
+                # resume the session the broker kept for us, unless asked to start a fresh one
+                clean_start = _paho.MQTT_CLEAN_START_FIRST_ONLY if fresh_session else False
         with self._cond:
             self._closing = False
             self._refusal = None
