@@ -92,7 +92,8 @@ class ArchSpec:
             raise ModelError(f"stem_stride must be 1 or 2, got {self.stem_stride!r}")
         if self.input_size // self.stem_stride < 4:
             raise ModelError(
-                f"input_size / stem_stride must be >= 4 (two 2x2 poolings), got {self.input_size}/{self.stem_stride}"
+                f"input_size / stem_stride must be >= 4 (two 2x2 poolings), got {self.input_size}/{self.stem_stride}; "
+                "for images this small use a stride-1 root (--root-stem-stride 1, [model] root_stem_stride = 1)"
             )
         if self.width > 1024:
             raise ModelError(f"width {self.width} is implausibly large (max 1024)")
