@@ -135,7 +135,8 @@ class AggregationServer:
             return {FLAT: flat_spec(tree, input_size, m.flat_width).to_dict()}
         specs = expert_specs(tree, input_size, flat_width=m.flat_width, min_width=m.min_width,
                              fixed_width=m.expert_width or None, root_width=m.root_width or None,
-                             head=m.expert_head, root_stem_stride=m.root_stem_stride)
+                             head=m.expert_head, root_stem_stride=m.root_stem_stride,
+                             expert_stem_stride=m.expert_stem_stride)
         return {n: s.to_dict() for n, s in specs.items()}
 
     def prepare(self) -> None:

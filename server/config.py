@@ -71,11 +71,12 @@ class ModelSection:
     # below it, summed into children by the network; docs/accuracy.md). Same bundle format.
     expert_head: str = "leaves"
     root_stem_stride: int = 2  # 2: the root's first convolution is strided (1/4 of its activations)
+    expert_stem_stride: int = 1  # the same for every other expert (2 for large inputs, e.g. 64 px)
 
 
 # What a run directory created before [model] expert_head / root_stem_stride existed trained;
 # a config that does not name them gets the defaults above (measured best, docs/accuracy.md).
-LEGACY_ARCHITECTURE = {"expert_head": "children", "root_stem_stride": 1}
+LEGACY_ARCHITECTURE = {"expert_head": "children", "root_stem_stride": 1, "expert_stem_stride": 1}
 
 
 @dataclass
@@ -161,6 +162,8 @@ class RunConfig:
         need(self.model.expert_head in ("children", "leaves"),
              f"model.expert_head must be 'children' or 'leaves', not {self.model.expert_head!r}")
         need(self.model.root_stem_stride in (1, 2), f"model.root_stem_stride must be 1 or 2, not {self.model.root_stem_stride!r}")
+        need(self.model.expert_stem_stride in (1, 2),
+             f"model.expert_stem_stride must be 1 or 2, not {self.model.expert_stem_stride!r}")
         need(self.eval.every >= 0, "eval.every must be >= 0")
         from edgehmoe.fl.aggregation import AGGREGATIONS
 
@@ -212,7 +215,7 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def run_architecture(saved_config: str | Path) -> dict[str, Any]:
-    """``expert_head`` and ``root_stem_stride`` of the run whose ``config.toml`` this is (the
+    """``expert_head``, ``root_stem_stride``, ``expert_stem_stride`` of the run whose ``config.toml`` this is (the
     legacy values when it predates them): on ``--resume`` the run's networks are fixed by it."""
     try:
         model = tomllib.loads(Path(saved_config).read_text()).get("model", {})

@@ -217,9 +217,13 @@ def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsy
     assert model["models"]["hmoe"]["experts"]["0"]["arch"]["stem_stride"] == 2
     # --expert-head children --root-stem-stride 1 give the plain networks
     r = _fit_json(capsys, "--model", "hmoe", "--epochs", "1", "--expert-head", "children", "--root-stem-stride", "1",
-                  "--out", str(tmp_path / "plain"), batch_size=9)
-    root = json.loads((tmp_path / "plain" / "model.json").read_text())["models"]["hmoe"]["experts"]["0"]["arch"]
+                  "--expert-stem-stride", "2", "--out", str(tmp_path / "plain"), batch_size=9)
+    experts = json.loads((tmp_path / "plain" / "model.json").read_text())["models"]["hmoe"]["experts"]
+    root = experts["0"]["arch"]
     assert "leaf_groups" not in root and root.get("stem_stride", 1) == 1 and r["hmoe"]["expert_head"] == "children"
+    assert all(e["arch"]["stem_stride"] == 2 for n, e in experts.items() if n != "0")
+    assert r["hmoe"]["expert_stem_stride"] == 2
+    assert model["models"]["hmoe"]["experts"]["1"]["arch"].get("stem_stride", 1) == 1  # the default: 1
 
 
 def test_fit_leaf_head_distilled_calibrated_bundle_predicts_as_torch(fitted, tmp_path, capsys):

@@ -36,6 +36,7 @@ def test_defaults_round_trip_through_toml(tmp_path):
         ({"schedule": {"clip_factor": -2}}, r"schedule.clip_factor must be >= 0"),
         ({"model": {"expert_head": "leaf"}}, r"model.expert_head must be 'children' or 'leaves', not 'leaf'"),
         ({"model": {"root_stem_stride": 4}}, r"model.root_stem_stride must be 1 or 2, not 4"),
+        ({"model": {"expert_stem_stride": 3}}, r"model.expert_stem_stride must be 1 or 2, not 3"),
     ],
 )
 def test_bad_config_names_the_key(d, message):

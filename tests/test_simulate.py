@@ -142,14 +142,15 @@ def test_equal_compute_on_the_cost_model_counts_examples_times_macs():
 
 
 def test_simulate_with_leaf_heads_and_a_strided_root_trains_exports_and_agrees(tmp_path):
-    """--expert-head leaves --root-stem-stride 2 reach the devices through the task's arch and
-    label map; the run directory, the bundle and the torch evaluation agree."""
+    """--expert-head leaves --root-stem-stride 2 --expert-stem-stride 2 reach the devices through
+    the task's arch and label map; the run directory, the bundle and the torch evaluation agree."""
     require_tool("mosquitto")
     data = "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16"
     out = tmp_path / "leaves"
     # Execute
     r = subprocess.run([sys.executable, "-m", "edgehmoe.server", "simulate", "--dataset", data, "--clients", "2",
                         "--rounds", "4", "--model", "hmoe", "--expert-head", "leaves", "--root-stem-stride", "2",
+                        "--expert-stem-stride", "2",
                         "--eval-every", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     # Assert
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -158,8 +159,8 @@ def test_simulate_with_leaf_heads_and_a_strided_root_trains_exports_and_agrees(t
     root = experts["0"]["arch"]
     # the root has 2 children over 6 leaves: a leaf head (one logit per leaf, child of each leaf)
     assert root["stem_stride"] == 2 and root["leaf_groups"] == [0, 0, 0, 1, 1, 1]
-    assert all("leaf_groups" not in e["arch"] and e["arch"].get("stem_stride", 1) == 1
-               for n, e in experts.items() if n != "0")  # their children are leaves: plain heads
+    assert all("leaf_groups" not in e["arch"] and e["arch"]["stem_stride"] == 2
+               for n, e in experts.items() if n != "0")  # their children are leaves: plain heads; strided stems
     rows = [json.loads(ln) for ln in (out / "hmoe" / "metrics.jsonl").read_text().splitlines()]
     root_rounds = [row for row in rows if row["nodes"] == [0]]
     assert root_rounds and all(row["devices_answered"] == 2 for row in root_rounds)

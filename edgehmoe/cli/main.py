@@ -177,7 +177,7 @@ def cmd_fit(args) -> int:
     if args.model in ("hmoe", "both"):
         specs = expert_specs(tree, train.image_size, flat_width=args.flat_width, fixed_width=args.expert_width,
                              root_width=args.root_width, head=args.expert_head,
-                             root_stem_stride=args.root_stem_stride)
+                             root_stem_stride=args.root_stem_stride, expert_stem_stride=args.expert_stem_stride)
         hx, hy, cal = train.x, train.y, None
         if args.calibrate_fraction > 0:
             keep, held = train_val_split(train.y, args.calibrate_fraction, args.seed + 1)
@@ -203,6 +203,7 @@ def cmd_fit(args) -> int:
             "epochs": round(float(epochs), 3), "train_examples": int(len(hx)),
             "train_gmacs": _gmacs(sum(s["train_macs"] for s in stats.values())),
             "expert_head": args.expert_head, "root_stem_stride": args.root_stem_stride,
+            "expert_stem_stride": args.expert_stem_stride,
             "distill_weight": args.distill_weight,
             "calibrate_fraction": args.calibrate_fraction,
         }
@@ -336,6 +337,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train each expert on its children, or on the leaves below it with the network "
                         "summing leaf probabilities into children (same bundle format) (default leaves: "
                         "measured best, docs/accuracy.md)")
+    g.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=1,
+                   help="stride of the first convolution of every other expert (default 1; 2 for large "
+                        "inputs such as Tiny ImageNet's 64 px: a quarter of their activations and MACs)")
     g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution: 2 runs the root at half resolution "
                         "(a quarter of its activation memory and MACs per width) (default 2: measured best)")

@@ -116,7 +116,8 @@ def cmd_simulate(args) -> int:
                             ("train", "lr", args.lr), ("model", "flat_width", args.flat_width),
                             ("model", "expert_width", args.expert_width), ("model", "root_width", args.root_width),
                             ("model", "expert_head", args.expert_head),
-                            ("model", "root_stem_stride", args.root_stem_stride)):
+                            ("model", "root_stem_stride", args.root_stem_stride),
+                            ("model", "expert_stem_stride", args.expert_stem_stride)):
         if value is not None:
             d[sec][key] = value
     merged = config_from_dict(d, "simulate options")
@@ -290,6 +291,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--expert-head", choices=["children", "leaves"], default=None,
                    help="train each expert on its children or on the leaves below it (default: the config's, "
                         "leaves; docs/accuracy.md)")
+    s.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=None,
+                   help="2: strided first convolution of every other expert too (large inputs; default: the "
+                        "config's, 1)")
     s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
                    help="2: strided first convolution of the root (a quarter of its activations); 1: full "
                         "resolution (default: the config's, 2)")

@@ -206,14 +206,16 @@ class Model:
     label_map: list[int]
 
 
-def _models(ds, y: np.ndarray, flat_width: int, head: str = "children", root_stem_stride: int = 1) -> list[Model]:
+def _models(ds, y: np.ndarray, flat_width: int, head: str = "children", root_stem_stride: int = 1,
+            expert_stem_stride: int = 1) -> list[Model]:
     from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
 
     tree = ds.hierarchy
     size = int(ds.x.shape[1])
     flat = flat_spec(tree, input_size=size, width=flat_width)
     models = [Model("flat", None, "Flat Softmax", None, None, len(y), flat.to_dict(), list(range(tree.num_classes)))]
-    specs = expert_specs(tree, input_size=size, flat_width=flat_width, head=head, root_stem_stride=root_stem_stride)
+    specs = expert_specs(tree, input_size=size, flat_width=flat_width, head=head, root_stem_stride=root_stem_stride,
+                         expert_stem_stride=expert_stem_stride)
     for node, spec in specs.items():
         lm = expert_label_map(tree, node, spec)  # a leaf head's targets are the leaves below it
         models.append(Model(
@@ -610,7 +612,8 @@ def profile(args: argparse.Namespace) -> dict:
     load_start = _loadavg()
     ds, x, y, mean, std = _load_client(args.dataset, args.samples_per_client, args.seed)
     head, stride = getattr(args, "expert_head", "leaves"), getattr(args, "root_stem_stride", 2)
-    models = _models(ds, y, args.flat_width, head, stride)
+    expert_stride = getattr(args, "expert_stem_stride", 1)
+    models = _models(ds, y, args.flat_width, head, stride, expert_stride)
     if not args.quiet:
         print(f"{ds.name}: {len(y)} client samples, {ds.num_classes} classes, {len(models) - 1} experts, "
               f"{args.repeats} repeat(s) -> {sum(1 for m in models if m.samples) * args.repeats} fresh processes",
@@ -639,6 +642,7 @@ def profile(args: argparse.Namespace) -> dict:
         "flat_width": args.flat_width,
         "expert_head": head,
         "root_stem_stride": stride,
+        "expert_stem_stride": expert_stride,
         "warmup": not args.cold,
         "flat": flat,
         "experts": experts,

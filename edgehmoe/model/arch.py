@@ -197,12 +197,14 @@ def expert_specs(
     root_width: int | None = None,
     head: str = "children",
     root_stem_stride: int = 1,
+    expert_stem_stride: int = 1,
 ) -> dict[int, ArchSpec]:
     """Architecture of every expert (internal node) of ``tree``.
 
     ``fixed_width`` gives every expert the same width; ``root_width`` overrides the root's;
     ``root_stem_stride=2`` gives the root a strided first convolution (the expert that sees
-    every sample is the one whose round memory matters most).
+    every sample is the one whose round memory matters most); ``expert_stem_stride=2`` does
+    the same for every other expert (for large inputs, e.g. Tiny ImageNet's 64 px).
     ``head="leaves"`` gives every expert with an internal child a leaf head
     (:func:`leaf_groups`); an expert whose children are all leaves is the same either way and
     keeps the plain head.
@@ -219,7 +221,7 @@ def expert_specs(
         if head == "leaves" and int(tree.leaves_under[node]) > k:
             groups = tuple(int(g) for g in leaf_groups(tree, int(node)))
         specs[int(node)] = ArchSpec(width=int(w), num_outputs=k, input_size=input_size, leaf_groups=groups,
-                                    stem_stride=root_stem_stride if node == 0 else 1)
+                                    stem_stride=root_stem_stride if node == 0 else expert_stem_stride)
     return specs
 
 
