@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -74,18 +73,6 @@ def dump_state_json(obj: dict) -> bytes:
             body = json.dumps(value)
         lines.append(f" {json.dumps(key)}: {body}")
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
-
-
-def _replace_unsynced(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, without fsync."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunDirError(EdgeHmoeError, ValueError):
@@ -318,7 +305,7 @@ class RunStore:
                 md.experts[n] = entry
         # Not fsynced (issue #12: one fsync less per round): model.json is derived from state.json
         # and rewritten by --resume; the rename keeps it whole for readers.
-        _replace_unsynced(self.out / MODEL_JSON, (json.dumps(md.to_json(), indent=1) + "\n").encode())
+        atomic_write_bytes(self.out / MODEL_JSON, (json.dumps(md.to_json(), indent=1) + "\n").encode(), durable=False)
 
     def _need_model(self) -> ModelInfo:
         if self.model is None:

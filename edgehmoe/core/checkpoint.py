@@ -48,20 +48,28 @@ class CheckpointError(EdgeHmoeError, ValueError):
     """A model directory is missing, incomplete or corrupt."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    ``durable=False`` skips both fsyncs: readers still never see a torn file, but a power
+    loss may keep the old content (for files rewritten often and derivable again, such as
+    the server's ``model.json`` and ``live.json``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
