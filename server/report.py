@@ -18,7 +18,7 @@ import numpy as np
 from edgehmoe.core.kinds import FLAT, HMOE
 
 __all__ = ["load_rows", "per_node_costs", "build_summary", "format_table", "plot_run", "dataset_label",
-           "gmacs_per_example", "val_curve", "equal_at"]
+           "gmacs_per_example", "run_gmacs_per_example", "val_curve", "equal_at"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ def gmacs_per_example(specs: Mapping[int, Mapping], epochs: float, expert_epochs
             for n, a in specs.items()}
 
 
+def run_gmacs_per_example(run_dir: Path, kind: str | None = None) -> tuple[str, dict[int, float]]:
+    """``(kind, gmacs_per_example)`` of a run directory, from its ``model.json`` (the networks)
+    and ``config.toml`` (the epochs); ``kind`` None: hmoe when the run has experts, else flat."""
+    from edgehmoe.server.config import load_config
+
+    run_dir = Path(run_dir)
+    models = json.loads((run_dir / "model.json").read_text())["models"]
+    kind = kind or (HMOE if HMOE in models else FLAT)
+    specs = ({int(n): e["arch"] for n, e in models[HMOE]["experts"].items()} if kind == HMOE
+             else {-1: models[FLAT]["arch"]})
+    train = load_config(run_dir / "config.toml").train
+    return kind, gmacs_per_example(specs, train.epochs, train.expert_epochs)
+
+
 def equal_at(curve: list, target: float, axis: int) -> tuple[int, float, float | None, float]:
     """Flat's curve read at ``target`` on ``axis`` (1: client ms, 3: GMACs): nearest evaluated
     round, its cost, the value interpolated linearly from (0, 0) (None past its end), and the
@@ -203,29 +217,24 @@ def build_summary(dataset: str, rounds: int, clients: int, hmoe: dict | None, fl
         curve = s[FLAT]["val_curve"]
         hmoe_f1 = s[HMOE]["val_curve"][-1][2] if s[HMOE]["val_curve"] else None
         if curve:
-            target = s[HMOE]["total_client_ms"]
-            r, cum, f1, f1_near = equal_at(curve, target, 1)
-            s["equal_compute"] = {
-                "hmoe_total_client_ms": target,
-                "flat_round": r,
-                "flat_total_client_ms": cum,
-                "flat_val_info_f1": f1,
-                "flat_val_info_f1_nearest_round": f1_near,
-                "hmoe_val_info_f1": hmoe_f1,
-            }
+            s["equal_compute"] = _equal_compute(curve, s[HMOE]["total_client_ms"], 1, "ms", hmoe_f1)
         if curve and "total_client_gmacs" in s[HMOE] and curve[0][3] is not None:
             # The same comparison on the cost model's training MACs: immune to machine load.
-            target = s[HMOE]["total_client_gmacs"]
-            r, cum, f1, f1_near = equal_at(curve, target, 3)
-            s["equal_compute_macs"] = {
-                "hmoe_total_client_gmacs": target,
-                "flat_round": r,
-                "flat_total_client_gmacs": cum,
-                "flat_val_info_f1": f1,
-                "flat_val_info_f1_nearest_round": f1_near,
-                "hmoe_val_info_f1": hmoe_f1,
-            }
+            s["equal_compute_macs"] = _equal_compute(curve, s[HMOE]["total_client_gmacs"], 3, "gmacs", hmoe_f1)
     return s
+
+
+def _equal_compute(curve: list, target: float, axis: int, unit: str, hmoe_f1: float | None) -> dict:
+    """``equal_compute`` (``unit`` "ms", client time) or ``equal_compute_macs`` ("gmacs")."""
+    r, cum, f1, f1_near = equal_at(curve, target, axis)
+    return {
+        f"hmoe_total_client_{unit}": target,
+        "flat_round": r,
+        f"flat_total_client_{unit}": cum,
+        "flat_val_info_f1": f1,
+        "flat_val_info_f1_nearest_round": f1_near,
+        "hmoe_val_info_f1": hmoe_f1,
+    }
 
 
 def _pct(v, ref) -> str:
@@ -288,21 +297,24 @@ def format_table(s: dict) -> str:
                          f"(e.g. {', '.join(h['experts_never_trained'][:3])}) — more rounds needed")
     eq = s.get("equal_compute")
     if eq:
-        flat_f1 = (f"{eq['flat_val_info_f1']:.4f} (interpolated)" if eq["flat_val_info_f1"] is not None
-                   else f"n/a (flat spent less in all its rounds; {eq['flat_val_info_f1_nearest_round']:.4f} at its end)")
         lines.append(
             f"Equal client compute ({eq['hmoe_total_client_ms'] / 1000:.1f} s for HMoE): flat val info-F1 "
-            f"{flat_f1} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')} (validation split)"
+            f"{_flat_at(eq)} vs HMoE {_num(eq['hmoe_val_info_f1'], '{:.4f}')} (validation split)"
         )
     eqm = s.get("equal_compute_macs")
     if eqm:
-        flat_f1 = (f"{eqm['flat_val_info_f1']:.4f} (interpolated)" if eqm["flat_val_info_f1"] is not None
-                   else f"n/a (flat spent less in all its rounds; {eqm['flat_val_info_f1_nearest_round']:.4f} at its end)")
         lines.append(
             f"Equal client training MACs ({eqm['hmoe_total_client_gmacs'] / 1000:.2f} TMAC for HMoE, cost model): "
-            f"flat val info-F1 {flat_f1} vs HMoE {_num(eqm['hmoe_val_info_f1'], '{:.4f}')}"
+            f"flat val info-F1 {_flat_at(eqm)} vs HMoE {_num(eqm['hmoe_val_info_f1'], '{:.4f}')}"
         )
     return "\n".join(lines)
+
+
+def _flat_at(eq: dict) -> str:
+    """Flat's info-F1 at the HMoE run's compute, or why there is none (an equal_compute block)."""
+    if eq["flat_val_info_f1"] is not None:
+        return f"{eq['flat_val_info_f1']:.4f} (interpolated)"
+    return f"n/a (flat spent less in all its rounds; {eq['flat_val_info_f1_nearest_round']:.4f} at its end)"
 
 
 def _save(fig, path: Path) -> Path:

@@ -258,16 +258,13 @@ def _evaluate_phases(phases: dict[str, Path], test, split: str, description: str
     from edgehmoe.model.inference import evaluate_models, load_models
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from edgehmoe.server.config import load_config
-    from edgehmoe.server.report import gmacs_per_example
+    from edgehmoe.server.report import run_gmacs_per_example
 
     results = {}
     for kind, d in phases.items():
         hm, fm, md = load_models(d)
-        train = load_config(d / "config.toml").train
-        specs = {n: e.arch for n, e in md.experts.items()} if kind == HMOE else {-1: md.flat.arch}
         entry = {"rows": load_rows(d), "tree": md.hierarchy, "heldout_split": split, "heldout_description": description,
-                 "gmacs_per_example": gmacs_per_example(specs, train.epochs, train.expert_epochs)}
+                 "gmacs_per_example": run_gmacs_per_example(d, kind)[1]}
         if kind == HMOE:
             entry["metrics"] = evaluate_models(hm, fm, test.x, test.y, which=HMOE)
             entry["metrics_beam2"] = evaluate_models(hm, fm, test.x, test.y, which=HMOE, beam=2)

@@ -24,8 +24,7 @@ from edgehmoe.core.kinds import FLAT, HMOE
 
 def load_run(path: Path) -> dict:
     """Kind, validation curve (round, client ms, info-F1, client GMACs), held-out summary of one run."""
-    from edgehmoe.server.config import load_config
-    from edgehmoe.server.report import gmacs_per_example, load_rows, val_curve
+    from edgehmoe.server.report import load_rows, run_gmacs_per_example, val_curve
 
     path = Path(path)
     run, summary = path, None
@@ -37,14 +36,9 @@ def load_run(path: Path) -> dict:
             break
     if not (run / "model.json").is_file() or not (run / "config.toml").is_file():
         raise ValueError(f"{path} is neither a simulate folder nor a run directory (no model.json/config.toml)")
-    model = json.loads((run / "model.json").read_text())
-    train = load_config(run / "config.toml").train
-    if "hmoe" in model["models"]:
-        kind, specs = HMOE, {int(n): e["arch"] for n, e in model["models"]["hmoe"]["experts"].items()}
-    else:
-        kind, specs = FLAT, {-1: model["models"]["flat"]["arch"]}
+    kind, gmacs = run_gmacs_per_example(run)
     rows = load_rows(run)
-    curve = val_curve(rows, gmacs_per_example(specs, train.epochs, train.expert_epochs))
+    curve = val_curve(rows, gmacs)
     if not curve:
         raise ValueError(f"{run} has no evaluated round (eval.every = 0?)")
     client_s = sum(d["round_time_ms"] for r in rows for d in r.get("per_device", [])) / 1000.0
