@@ -46,7 +46,7 @@ from edgehmoe.server.rounds import (
 from edgehmoe.server.scheduler import FLAT, Scheduler
 from edgehmoe.server.store import ModelInfo, RunDirError, RunState, RunStore
 
-from edgehmoe.core.hierarchy import Hierarchy
+from edgehmoe.core.hierarchy import Hierarchy, routing_tree
 from edgehmoe.errors import RunError
 from edgehmoe.fl import wire
 from edgehmoe.fl.aggregation import Weights
@@ -152,7 +152,7 @@ class AggregationServer:
         if self.resume:
             self._keep_run_architecture()
         self.val, mean, std = self._load_eval_data()
-        self.tree = self.val.hierarchy
+        self.tree = routing_tree(self.val.hierarchy, self.cfg.model.tree_groups)
         self.specs = self._specs(self.tree, self.val.image_size)
         self.memory_need = {n: estimate_train_memory_mb(s, self.cfg.train.batch_size) for n, s in self.specs.items()}
         self.params = {n: count_params(build_model(s)) for n, s in self.specs.items()}

@@ -72,11 +72,14 @@ class ModelSection:
     expert_head: str = "leaves"
     root_stem_stride: int = 2  # 2: the root's first convolution is strided (1/4 of its activations)
     expert_stem_stride: int = 1  # the same for every other expert (2 for large inputs, e.g. 64 px)
+    # > 0: route through a two-level tree whose root chooses among groups of at most this many
+    # classes (a cut of the dataset's tree; metrics still on the full tree). 0: the dataset's tree.
+    tree_groups: int = 0
 
 
 # What a run directory created before [model] expert_head / root_stem_stride existed trained;
 # a config that does not name them gets the defaults above (measured best, docs/accuracy.md).
-LEGACY_ARCHITECTURE = {"expert_head": "children", "root_stem_stride": 1, "expert_stem_stride": 1}
+LEGACY_ARCHITECTURE = {"expert_head": "children", "root_stem_stride": 1, "expert_stem_stride": 1, "tree_groups": 0}
 
 
 @dataclass
@@ -164,6 +167,9 @@ class RunConfig:
         need(self.model.root_stem_stride in (1, 2), f"model.root_stem_stride must be 1 or 2, not {self.model.root_stem_stride!r}")
         need(self.model.expert_stem_stride in (1, 2),
              f"model.expert_stem_stride must be 1 or 2, not {self.model.expert_stem_stride!r}")
+        need(isinstance(self.model.tree_groups, int) and self.model.tree_groups >= 0,
+             f"model.tree_groups must be 0 (the dataset's tree) or a positive number of classes, "
+             f"not {self.model.tree_groups!r}")
         need(self.eval.every >= 0, "eval.every must be >= 0")
         from edgehmoe.fl.aggregation import AGGREGATIONS
 
@@ -215,7 +221,7 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def run_architecture(saved_config: str | Path) -> dict[str, Any]:
-    """``expert_head``, ``root_stem_stride``, ``expert_stem_stride`` of the run whose ``config.toml`` this is (the
+    """``expert_head``, ``root_stem_stride``, ``expert_stem_stride``, ``tree_groups`` of the run whose ``config.toml`` this is (the
     legacy values when it predates them): on ``--resume`` the run's networks are fixed by it."""
     try:
         model = tomllib.loads(Path(saved_config).read_text()).get("model", {})

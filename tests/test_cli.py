@@ -273,3 +273,38 @@ def test_fit_is_reproducible_and_train_seed_varies_only_training(tmp_path, capsy
     for k, v in runs["a"][1].items():
         np.testing.assert_array_equal(v, runs["b"][1][k])
     assert not np.array_equal(runs["a"][1]["classifier.weight"], runs["c"][1]["classifier.weight"])
+
+
+def test_fit_tree_groups_routes_through_a_cut_and_scores_on_the_full_tree(fitted, tmp_path, capsys):
+    import torch
+
+    from edgehmoe.core.metrics import evaluate
+    from edgehmoe.data import load_dataset
+    from edgehmoe.core.evaluation import decode_batches
+    from edgehmoe.model.inference import load_models
+
+    # Prepare: groups of at most 2 of TINY's 3-class superclasses: every class under the root
+    out = tmp_path / "m"
+    r = _fit_json(capsys, "--model", "both", "--epochs", "2", "--tree-groups", "2", "--out", str(out))
+    assert r["hmoe"]["tree_groups"] == 2 and r["hmoe"]["experts"] == 1
+    model = json.loads((out / "model.json").read_text())
+    assert model["hierarchy"]["metric_tree"]["names"] == json.loads(
+        (fitted / "model.json").read_text())["hierarchy"]["names"]
+    # Execute: evaluate from the model directory and from the ONNX bundle
+    assert main(["-q", "export", "--model-dir", str(out), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    args = ["--dataset", TINY, "--split", "test", "--json"]
+    _, torch_out, _ = run_cli(["-q", "evaluate", "--model-dir", str(out), *args], capsys)
+    _, ort_out, _ = run_cli(["-q", "evaluate", "--bundle", str(tmp_path / "b"), *args], capsys)
+    # Assert: both agree, and the metric is the full (superclass) tree's: a mistake inside a
+    # superclass still earns the superclass's information
+    ort, torch_m = json.loads(ort_out), json.loads(torch_out)
+    assert ort.pop("bundle") == str(tmp_path / "b") and ort == torch_m
+    test = load_dataset(TINY, "test")
+    hm, fm, md = load_models(out)
+    with torch.no_grad():
+        pred = decode_batches(hm.tree, test.x, "hmoe", hm.expert_probs)
+    full = test.hierarchy
+    leaves = md.hierarchy.leaf_class[pred]
+    assert torch_m["info_f1"] == pytest.approx(evaluate(full, test.y, full.class_to_node[leaves])["info_f1"])
+    assert set(torch_m["accuracy_per_level"]) == {"1", "2"}  # the full tree's levels

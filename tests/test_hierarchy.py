@@ -7,8 +7,11 @@ from edgehmoe.core.hierarchy import (
     HierarchyError,
     collapse_single_child_chains,
     from_edge_list,
+    group_leaves,
     read_edge_csv,
+    routing_tree,
 )
+from edgehmoe.core.metrics import evaluate
 from edgehmoe.data.taxonomy import cifar100_hierarchy
 
 
@@ -108,6 +111,53 @@ def test_collapse_single_child_chains():
     assert "x" not in out.names and "y" in out.names
     assert np.all(out.num_children[out.internal_nodes] >= 2)
     assert out.class_names() == ["a", "b", "c"]
+
+
+def test_group_leaves_cuts_tree9_and_scores_on_the_full_tree():
+    # Prepare: tree9 has root 5 leaves, A 2, B 3 (b1 and C), C 2
+    t = tree9()
+    # Execute: groups of at most 2 classes: B (3) is replaced by its children b1 and C
+    g = group_leaves(t, 2)
+    # Assert: root -> A (a1, a2), b1, C (c1, c2); every node a node of tree9; classes unchanged
+    assert [g.names[c] for c in g.children(0)] == ["A", "b1", "C"]
+    assert sorted(g.names[c] for c in g.children(g.index("C"))) == ["c1", "c2"]
+    assert g.max_depth == 2 and len(g.internal_nodes) == 3
+    assert g.class_names() == t.class_names() and g.metric_tree == t
+    assert [t.names[j] for j in g.metric_node] == g.names
+    # predicting b1 for c1: LCA B in tree9 (I = log2 5/3), the root in the routing tree
+    gt = np.array([3, 3, 4])
+    pred_classes = np.array([2, 3, 3])
+    full = evaluate(t, gt, t.class_to_node[pred_classes])
+    routed = evaluate(g, gt, g.class_to_node[pred_classes])
+    assert routed == full
+    expect = np.log2(5 / 3) / np.log2(5)  # P = R for two leaves
+    assert full["info_f1"] == pytest.approx((expect + 1 + np.log2(5 / 2) / np.log2(5)) / 3)
+
+
+def test_group_leaves_edge_cases_and_serialisation():
+    t = tree9()
+    # a group as big as the tree: one expert over every class (a flat classifier)
+    flat = group_leaves(t, 5)
+    assert flat.max_depth == 1 and len(flat.internal_nodes) == 1 and flat.num_children[0] == 5
+    # groups of 1: every class under the root
+    assert group_leaves(t, 1).num_children[0] == 5
+    # grouping a routing tree again starts from its full tree
+    assert group_leaves(group_leaves(t, 2), 3).metric_tree == t
+    assert routing_tree(t, 0) is t and routing_tree(t, 2) == group_leaves(t, 2)
+    with pytest.raises(HierarchyError, match="positive"):
+        group_leaves(t, 0)
+    with pytest.raises(HierarchyError, match="positive"):
+        routing_tree(t, -1)
+    # the metric tree travels with the tree (model.json, bundle manifests)
+    g = group_leaves(t, 2)
+    d = g.to_dict()
+    assert Hierarchy.from_dict(d) == g and Hierarchy.from_dict(d).metric_tree == t
+    assert "metric_tree" not in t.to_dict() and Hierarchy.from_dict(t.to_dict()).metric_tree is None
+    with pytest.raises(HierarchyError, match="metric_tree"):
+        Hierarchy.from_dict({**d, "metric_tree": [1, 2]})
+    with pytest.raises(HierarchyError, match="not in the metric tree"):
+        from_edge_list([("root", "X"), ("X", "a1"), ("X", "a2"), ("root", "b1"), ("root", "c1"), ("root", "c2")],
+                       t.class_names()).with_metric_tree(t)
 
 
 def _wordnet_available() -> bool:

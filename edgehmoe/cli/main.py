@@ -117,6 +117,7 @@ def cmd_fit(args) -> int:
 
     from edgehmoe.data import channel_stats, train_val_split
     from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
+    from edgehmoe.core.hierarchy import routing_tree
     from edgehmoe.model.central import fit_flat, fit_hmoe, new_model_dir, teacher_probs
     from edgehmoe.model.cost import cnn3_macs, equal_compute_epochs, train_macs
     from edgehmoe.model.inference import evaluate_models, load_models
@@ -153,7 +154,7 @@ def cmd_fit(args) -> int:
     val = load_data(args, "val") if args.val_fraction > 0 else None
     val_xy = (val.x, val.y) if val is not None else None
     mean, std = channel_stats(train.x)
-    tree = train.hierarchy
+    tree = routing_tree(train.hierarchy, args.tree_groups)
     md = new_model_dir(out, tree, train.image_size, mean, std, args.dataset,
                        extra={"fit": {k: v for k, v in vars(args).items() if k != "func"}})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule="onecycle",
@@ -203,7 +204,7 @@ def cmd_fit(args) -> int:
             "epochs": round(float(epochs), 3), "train_examples": int(len(hx)),
             "train_gmacs": _gmacs(sum(s["train_macs"] for s in stats.values())),
             "expert_head": args.expert_head, "root_stem_stride": args.root_stem_stride,
-            "expert_stem_stride": args.expert_stem_stride,
+            "expert_stem_stride": args.expert_stem_stride, "tree_groups": args.tree_groups,
             "distill_weight": args.distill_weight,
             "calibrate_fraction": args.calibrate_fraction,
         }
@@ -343,6 +344,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution: 2 runs the root at half resolution "
                         "(a quarter of its activation memory and MACs per width) (default 2: measured best)")
+    g.add_argument("--tree-groups", type=int, default=0, metavar="K",
+                   help="route through two levels: the root chooses among groups of at most K classes cut "
+                        "from the dataset's tree, each group one expert over its classes (for deep trees such "
+                        "as Tiny ImageNet's WordNet tree); metrics are still computed on the full tree "
+                        "(default 0: the dataset's tree)")
     g.add_argument("--equal-compute", action="store_true",
                    help="give the hierarchical model the training MACs of --epochs flat epochs "
                         "(its epochs are computed from the cost model)")

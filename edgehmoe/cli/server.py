@@ -117,7 +117,8 @@ def cmd_simulate(args) -> int:
                             ("model", "expert_width", args.expert_width), ("model", "root_width", args.root_width),
                             ("model", "expert_head", args.expert_head),
                             ("model", "root_stem_stride", args.root_stem_stride),
-                            ("model", "expert_stem_stride", args.expert_stem_stride)):
+                            ("model", "expert_stem_stride", args.expert_stem_stride),
+                            ("model", "tree_groups", args.tree_groups)):
         if value is not None:
             d[sec][key] = value
     merged = config_from_dict(d, "simulate options")
@@ -297,6 +298,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
                    help="2: strided first convolution of the root (a quarter of its activations); 1: full "
                         "resolution (default: the config's, 2)")
+    s.add_argument("--tree-groups", type=int, default=None, metavar="K",
+                   help="route through two levels: the root chooses among groups of at most K classes cut "
+                        "from the dataset's tree (metrics still on the full tree); 0: the dataset's tree "
+                        "(default: the config's, 0; docs/accuracy.md)")
     s.add_argument("--eval-every", type=int, default=5)
     s.add_argument("--round-timeout", type=float, default=300.0, help="seconds before stragglers are dropped")
     s.add_argument("--threads-per-client", type=int, default=1)

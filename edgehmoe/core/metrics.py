@@ -95,8 +95,11 @@ def evaluate(tree: Hierarchy, gt_classes: np.ndarray, pred_nodes: np.ndarray) ->
         pred_nodes: predicted node indices (leaves, or internal nodes for non-mandatory
             prediction).
     """
-    gt = tree.class_to_node[np.asarray(gt_classes, dtype=np.int64)]
     pred = np.asarray(pred_nodes, dtype=np.int64)
+    if tree.metric_tree is not None:  # a routing tree (group_leaves): score on the full tree
+        pred = tree.metric_node[pred]
+        tree = tree.metric_tree
+    gt = tree.class_to_node[np.asarray(gt_classes, dtype=np.int64)]
     if gt.shape != pred.shape:
         raise UsageError(f"{len(gt)} labels but {len(pred)} predictions")
     n = len(gt)
