@@ -271,3 +271,21 @@ def test_profile_measures_the_architecture_a_run_trains(tmp_path, tree):
     assert specs[0].leaf_groups is None and count_params(specs[0]) < count_params(leafy[0])  # 4 vs 20 logits
     assert root["params"] == count_params(specs[0]) and root["samples"] == 100 and root["round_time_ms"] > 0
     assert "experts on children, root stem stride 1" in buf.getvalue()
+
+
+def test_profile_tree_groups_lists_the_experts_of_the_routing_tree():
+    """--tree-groups K profiles the networks a run with --tree-groups K trains: the root over the
+    groups and one expert per group of several classes, each with its own classes' samples."""
+    from edgehmoe.core.hierarchy import group_leaves
+    from edgehmoe.data import load_dataset
+
+    ds = load_dataset(SPEC, "train")
+    y = ds.y
+    # groups of at most 3 of the 5-class superclasses: every class straight under the root
+    models = pr._models(ds, y, 32, "leaves", 2, 1, tree_groups=3)
+    assert [m.key for m in models] == ["flat", "0"] and models[1].children == 20
+    # groups of 5: the superclasses themselves, as in the dataset's tree
+    grouped = pr._models(ds, y, 32, "leaves", 2, 1, tree_groups=5)
+    plain = pr._models(ds, y, 32, "leaves", 2, 1)
+    assert group_leaves(ds.hierarchy, 5).names == ds.hierarchy.names
+    assert [(m.name, m.samples, m.arch) for m in grouped] == [(m.name, m.samples, m.arch) for m in plain]

@@ -141,6 +141,30 @@ def test_equal_compute_on_the_cost_model_counts_examples_times_macs():
     assert "Equal client training MACs" in format_table(s)
 
 
+def test_simulate_with_tree_groups_routes_through_the_cut_and_scores_on_the_full_tree(tmp_path):
+    """--tree-groups 2 over 3-class superclasses: one expert (the root over all 6 classes) trains
+    on the devices; the run's tree carries the full tree, and the summary, the bundle and a
+    by-hand score on the full tree agree."""
+    require_tool("mosquitto")
+    data = "synthetic:coarse=2,fine=3,per_class=30,test_per_class=10,size=16"
+    out = tmp_path / "grouped"
+    r = subprocess.run([sys.executable, "-m", "edgehmoe.server", "simulate", "--dataset", data, "--clients", "2",
+                        "--rounds", "3", "--model", "hmoe", "--tree-groups", "2", "--eval-every", "0",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    model = json.loads((out / "hmoe" / "model.json").read_text())
+    assert list(model["models"]["hmoe"]["experts"]) == ["0"]
+    assert len(model["hierarchy"]["names"]) == 7 and len(model["hierarchy"]["metric_tree"]["names"]) == 9
+    assert "tree_groups = 2" in (out / "hmoe" / "config.toml").read_text()
+    s = json.loads((out / "summary.json").read_text())
+    ev = subprocess.run([sys.executable, "-m", "edgehmoe.cli", "-q", "evaluate", "--bundle", str(out / "bundle"),
+                         "--dataset", data, "--split", "test", "--json"], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    m = json.loads(ev.stdout)
+    assert m["info_f1"] == pytest.approx(s["hmoe"]["info_f1"])
+    assert set(m["accuracy_per_level"]) == {"1", "2"}  # the full tree's two levels
+
+
 def test_simulate_with_leaf_heads_and_a_strided_root_trains_exports_and_agrees(tmp_path):
     """--expert-head leaves --root-stem-stride 2 --expert-stem-stride 2 reach the devices through
     the task's arch and label map; the run directory, the bundle and the torch evaluation agree."""

@@ -154,9 +154,9 @@ def test_resume_keeps_the_architecture_the_run_was_created_with(tmp_path, caplog
     out, server, resumer = finished_run(tmp_path, model={"expert_head": "children", "root_stem_stride": 1})
     text = (out / "config.toml").read_text()
     assert 'expert_head = "children"' in text and "root_stem_stride = 1" in text
-    (out / "config.toml").write_text(re.sub(r"(?m)^(expert_head|root_stem_stride|expert_stem_stride) = .*\n", "", text))
+    (out / "config.toml").write_text(re.sub(r"(?m)^(expert_head|root_stem_stride|expert_stem_stride|tree_groups) = .*\n", "", text))
     assert run_architecture(out / "config.toml") == {"expert_head": "children", "root_stem_stride": 1,
-                                                     "expert_stem_stride": 1}
+                                                     "expert_stem_stride": 1, "tree_groups": 0}
     today = RunConfig().model
     assert (today.expert_head, today.root_stem_stride) == ("leaves", 2)
     server.cfg.model.expert_head, server.cfg.model.root_stem_stride = today.expert_head, today.root_stem_stride
@@ -172,4 +172,4 @@ def test_resume_keeps_the_architecture_the_run_was_created_with(tmp_path, caplog
     # a run that names them keeps what it names
     out2, _, _ = finished_run(tmp_path / "new")
     assert run_architecture(out2 / "config.toml") == {"expert_head": "leaves", "root_stem_stride": 2,
-                                                      "expert_stem_stride": 1}
+                                                      "expert_stem_stride": 1, "tree_groups": 0}

@@ -207,10 +207,11 @@ class Model:
 
 
 def _models(ds, y: np.ndarray, flat_width: int, head: str = "children", root_stem_stride: int = 1,
-            expert_stem_stride: int = 1) -> list[Model]:
+            expert_stem_stride: int = 1, tree_groups: int = 0) -> list[Model]:
+    from edgehmoe.core.hierarchy import routing_tree
     from edgehmoe.model.arch import expert_label_map, expert_specs, flat_spec
 
-    tree = ds.hierarchy
+    tree = routing_tree(ds.hierarchy, tree_groups)
     size = int(ds.x.shape[1])
     flat = flat_spec(tree, input_size=size, width=flat_width)
     models = [Model("flat", None, "Flat Softmax", None, None, len(y), flat.to_dict(), list(range(tree.num_classes)))]
@@ -612,8 +613,8 @@ def profile(args: argparse.Namespace) -> dict:
     load_start = _loadavg()
     ds, x, y, mean, std = _load_client(args.dataset, args.samples_per_client, args.seed)
     head, stride = getattr(args, "expert_head", "leaves"), getattr(args, "root_stem_stride", 2)
-    expert_stride = getattr(args, "expert_stem_stride", 1)
-    models = _models(ds, y, args.flat_width, head, stride, expert_stride)
+    expert_stride, groups = getattr(args, "expert_stem_stride", 1), getattr(args, "tree_groups", 0)
+    models = _models(ds, y, args.flat_width, head, stride, expert_stride, groups)
     if not args.quiet:
         print(f"{ds.name}: {len(y)} client samples, {ds.num_classes} classes, {len(models) - 1} experts, "
               f"{args.repeats} repeat(s) -> {sum(1 for m in models if m.samples) * args.repeats} fresh processes",
@@ -643,6 +644,7 @@ def profile(args: argparse.Namespace) -> dict:
         "expert_head": head,
         "root_stem_stride": stride,
         "expert_stem_stride": expert_stride,
+        "tree_groups": groups,
         "warmup": not args.cold,
         "flat": flat,
         "experts": experts,
