@@ -308,3 +308,7 @@ def test_fit_tree_groups_routes_through_a_cut_and_scores_on_the_full_tree(fitted
     leaves = md.hierarchy.leaf_class[pred]
     assert torch_m["info_f1"] == pytest.approx(evaluate(full, test.y, full.class_to_node[leaves])["info_f1"])
     assert set(torch_m["accuracy_per_level"]) == {"1", "2"}  # the full tree's levels
+    # `hierarchy show --tree-groups` prints the routing tree fit trained
+    code, shown, _ = run_cli(["-q", "hierarchy", "show", "--dataset", TINY, "--tree-groups", "2", "--json"], capsys)
+    shown = json.loads(shown)
+    assert code == 0 and shown["names"] == model["hierarchy"]["names"] and shown["experts"] == 1

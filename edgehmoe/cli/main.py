@@ -39,7 +39,7 @@ logger = logging.getLogger("edgehmoe")
 
 # ---------------------------------------------------------------------------- hierarchy
 def cmd_hierarchy_show(args) -> int:
-    from edgehmoe.core.hierarchy import read_edge_csv
+    from edgehmoe.core.hierarchy import read_edge_csv, routing_tree
 
     if args.csv:
         classes = None
@@ -50,6 +50,7 @@ def cmd_hierarchy_show(args) -> int:
         tree = load_data(args).hierarchy
     else:
         raise UsageError("give --dataset SPEC or --csv TREE.csv")
+    tree = routing_tree(tree, args.tree_groups)
     if args.json:
         print(json.dumps({**tree.summary(), **tree.to_dict()}))
     else:
@@ -302,6 +303,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     show.add_argument("--val-fraction", type=float, default=0.1, help=argparse.SUPPRESS)
     show.add_argument("--limit-per-class", type=int, default=1, help=argparse.SUPPRESS)
     show.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    show.add_argument("--tree-groups", type=int, default=0, metavar="K",
+                      help="show the two-level routing tree that fit/simulate --tree-groups K train")
     show.add_argument("--max-lines", type=int, default=80)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_hierarchy_show)
