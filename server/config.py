@@ -73,8 +73,9 @@ class ModelSection:
     root_stem_stride: int = 2  # 2: the root's first convolution is strided (1/4 of its activations)
     expert_stem_stride: int = 1  # the same for every other expert (2 for large inputs, e.g. 64 px)
     # > 0: route through a two-level tree whose root chooses among groups of at most this many
-    # classes (a cut of the dataset's tree; metrics still on the full tree). 0: the dataset's tree.
-    tree_groups: int = 0
+    # classes (a cut of the dataset's tree; metrics still on the full tree). 0: the dataset's
+    # tree. "auto": trees deeper than two levels are cut to groups of at most 30 classes.
+    tree_groups: int | str = "auto"
 
 
 # What a run directory created before [model] expert_head / root_stem_stride existed trained;
@@ -167,8 +168,8 @@ class RunConfig:
         need(self.model.root_stem_stride in (1, 2), f"model.root_stem_stride must be 1 or 2, not {self.model.root_stem_stride!r}")
         need(self.model.expert_stem_stride in (1, 2),
              f"model.expert_stem_stride must be 1 or 2, not {self.model.expert_stem_stride!r}")
-        need(isinstance(self.model.tree_groups, int) and self.model.tree_groups >= 0,
-             f"model.tree_groups must be 0 (the dataset's tree) or a positive number of classes, "
+        need(self.model.tree_groups == "auto" or (type(self.model.tree_groups) is int and self.model.tree_groups >= 0),
+             f"model.tree_groups must be \"auto\", 0 (the dataset's tree) or a positive number of classes, "
              f"not {self.model.tree_groups!r}")
         need(self.eval.every >= 0, "eval.every must be >= 0")
         from edgehmoe.fl.aggregation import AGGREGATIONS
@@ -202,7 +203,9 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                     f"{source}: unknown key {sec_name}.{key}; valid keys in [{sec_name}]: {', '.join(valid)}"
                 )
             default = getattr(sec, key)
-            if isinstance(default, bool) or not isinstance(default, (int, float, str)):
+            if (sec_name, key) in _INT_OR_WORD:  # a number or a word; validate() checks which
+                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+            elif isinstance(default, bool) or not isinstance(default, (int, float, str)):
                 ok = isinstance(value, type(default))
             elif isinstance(default, float):
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -211,6 +214,9 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
                 ok = isinstance(value, str)
+            if not ok and (sec_name, key) in _INT_OR_WORD:
+                raise ConfigError(f"{source}: {sec_name}.{key} = {value!r} should be a whole number or a word "
+                                  f"(e.g. {sec_name}.{key} = {default!r})")
             if not ok:
                 raise ConfigError(
                     f"{source}: {sec_name}.{key} = {value!r} should be a {type(default).__name__} "
@@ -218,6 +224,10 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                 )
             setattr(sec, key, value)
     return cfg.validate()
+
+
+# Keys whose value is an int or a word ("auto").
+_INT_OR_WORD = {("model", "tree_groups")}
 
 
 def run_architecture(saved_config: str | Path) -> dict[str, Any]:

@@ -37,7 +37,9 @@ def test_defaults_round_trip_through_toml(tmp_path):
         ({"model": {"expert_head": "leaf"}}, r"model.expert_head must be 'children' or 'leaves', not 'leaf'"),
         ({"model": {"root_stem_stride": 4}}, r"model.root_stem_stride must be 1 or 2, not 4"),
         ({"model": {"expert_stem_stride": 3}}, r"model.expert_stem_stride must be 1 or 2, not 3"),
-        ({"model": {"tree_groups": -1}}, r"model.tree_groups must be 0 \(the dataset's tree\) or a positive"),
+        ({"model": {"tree_groups": -1}}, r"model.tree_groups must be \"auto\", 0 \(the dataset's tree\) or a positive"),
+        ({"model": {"tree_groups": "deep"}}, r"model.tree_groups must be \"auto\""),
+        ({"model": {"tree_groups": 2.5}}, r"model.tree_groups = 2.5 should be a whole number or a word"),
     ],
 )
 def test_bad_config_names_the_key(d, message):

@@ -144,6 +144,17 @@ def test_group_leaves_edge_cases_and_serialisation():
     # grouping a routing tree again starts from its full tree
     assert group_leaves(group_leaves(t, 2), 3).metric_tree == t
     assert routing_tree(t, 0) is t and routing_tree(t, 2) == group_leaves(t, 2)
+    # auto: small or two-level trees as they are, deep large ones cut to groups of <= 30 classes
+    assert routing_tree(t, "auto") is t and routing_tree(t, "AUTO ") is t
+    cifar = cifar100_hierarchy([f"f{i}" for i in range(100)], [f"c{i}" for i in range(20)], [i % 20 for i in range(100)])
+    assert routing_tree(cifar, "auto") is cifar and group_leaves(cifar, 30).names == cifar.names
+    chain = from_edge_list([("r", "x"), ("x", "y")] + [("y", f"c{i}") for i in range(40)] + [("x", "z"), ("r", "w")]
+                           + [("z", f"d{i}") for i in range(20)] + [("w", f"e{i}") for i in range(25)])
+    auto = routing_tree(chain, "auto")
+    assert auto.max_depth == 2 and auto.metric_tree == chain and auto == group_leaves(chain, 30)
+    for bad in (-1, "deep", 2.5, True):
+        with pytest.raises(HierarchyError, match="auto"):
+            routing_tree(t, bad)
     with pytest.raises(HierarchyError, match="positive"):
         group_leaves(t, 0)
     with pytest.raises(HierarchyError, match="positive"):

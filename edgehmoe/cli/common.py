@@ -28,6 +28,16 @@ def configure_logging(verbose: int = 0, fmt: str = "%(asctime)s %(levelname)s %(
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
 
 
+def tree_groups_arg(value: str) -> int | str:
+    """argparse type of ``--tree-groups``: ``auto`` or a class count >= 0."""
+    from edgehmoe.core.hierarchy import parse_tree_groups
+
+    try:
+        return parse_tree_groups(value)
+    except EdgeHmoeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_debug_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of errors that are normally one line")
 

@@ -29,6 +29,7 @@ from edgehmoe.cli.common import (
     configure_logging,
     load_data,
     run_main,
+    tree_groups_arg,
 )
 from edgehmoe.errors import UsageError
 
@@ -206,6 +207,7 @@ def cmd_fit(args) -> int:
             "train_gmacs": _gmacs(sum(s["train_macs"] for s in stats.values())),
             "expert_head": args.expert_head, "root_stem_stride": args.root_stem_stride,
             "expert_stem_stride": args.expert_stem_stride, "tree_groups": args.tree_groups,
+            "routing_tree": tree.summary(),
             "distill_weight": args.distill_weight,
             "calibrate_fraction": args.calibrate_fraction,
         }
@@ -303,8 +305,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     show.add_argument("--val-fraction", type=float, default=0.1, help=argparse.SUPPRESS)
     show.add_argument("--limit-per-class", type=int, default=1, help=argparse.SUPPRESS)
     show.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    show.add_argument("--tree-groups", type=int, default=0, metavar="K",
-                      help="show the two-level routing tree that fit/simulate --tree-groups K train")
+    show.add_argument("--tree-groups", type=tree_groups_arg, default=0, metavar="K|auto",
+                      help="show the routing tree that fit/simulate --tree-groups K|auto train (default 0: the "
+                           "dataset's tree)")
     show.add_argument("--max-lines", type=int, default=80)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_hierarchy_show)
@@ -347,11 +350,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution: 2 runs the root at half resolution "
                         "(a quarter of its activation memory and MACs per width) (default 2: measured best)")
-    g.add_argument("--tree-groups", type=int, default=0, metavar="K",
+    g.add_argument("--tree-groups", type=tree_groups_arg, default="auto", metavar="K|auto",
                    help="route through two levels: the root chooses among groups of at most K classes cut "
-                        "from the dataset's tree, each group one expert over its classes (for deep trees such "
-                        "as Tiny ImageNet's WordNet tree); metrics are still computed on the full tree "
-                        "(default 0: the dataset's tree)")
+                        "from the dataset's tree, each group one expert over its classes; metrics are still "
+                        "computed on the full tree. 0: the dataset's tree as it is. Default auto: trees of "
+                        "two levels as they are (CIFAR-100), deeper ones (Tiny ImageNet's WordNet tree) cut "
+                        "to groups of at most 30 classes (measured best, docs/accuracy.md)")
     g.add_argument("--equal-compute", action="store_true",
                    help="give the hierarchical model the training MACs of --epochs flat epochs "
                         "(its epochs are computed from the cost model)")

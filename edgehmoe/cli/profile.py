@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from edgehmoe.cli.common import add_debug_arg, run_main
+from edgehmoe.cli.common import add_debug_arg, run_main, tree_groups_arg
 from edgehmoe.measure.profile import format_tables, profile, write_plot
 from edgehmoe.measure.worker import run_job
 
@@ -70,9 +70,9 @@ def get_args_parser(add_help: bool = True, prog: str | None = None) -> argparse.
                    help="stride of the other experts' first convolution, as in the run being profiled (default 1)")
     p.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution, as in the run being profiled (default 2)")
-    p.add_argument("--tree-groups", type=int, default=0, metavar="K",
-                   help="experts of the two-level routing tree with groups of at most K classes, as in a run "
-                        "with --tree-groups K (default 0: the dataset's tree)")
+    p.add_argument("--tree-groups", type=tree_groups_arg, default="auto", metavar="K|auto",
+                   help="experts of the routing tree of a run with --tree-groups K|auto (default auto, the "
+                        "run default: deep trees cut to groups of at most 30 classes; 0: the dataset's tree)")
     p.add_argument("--cold", action="store_true",
                    help="skip the warm-up round: measure a process's first round, including torch's "
                    "one-time lazy initialisation")

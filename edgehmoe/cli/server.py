@@ -26,6 +26,7 @@ from edgehmoe.cli.common import (
     add_debug_arg,
     configure_logging,
     run_main,
+    tree_groups_arg,
 )
 
 __all__ = ["main", "get_args_parser"]
@@ -298,10 +299,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
                    help="2: strided first convolution of the root (a quarter of its activations); 1: full "
                         "resolution (default: the config's, 2)")
-    s.add_argument("--tree-groups", type=int, default=None, metavar="K",
+    s.add_argument("--tree-groups", type=tree_groups_arg, default=None, metavar="K|auto",
                    help="route through two levels: the root chooses among groups of at most K classes cut "
-                        "from the dataset's tree (metrics still on the full tree); 0: the dataset's tree "
-                        "(default: the config's, 0; docs/accuracy.md)")
+                        "from the dataset's tree (metrics still on the full tree); 0: the dataset's tree; "
+                        "auto: deep trees cut to groups of at most 30 classes (default: the config's, auto; "
+                        "docs/accuracy.md)")
     s.add_argument("--eval-every", type=int, default=5)
     s.add_argument("--round-timeout", type=float, default=300.0, help="seconds before stragglers are dropped")
     s.add_argument("--threads-per-client", type=int, default=1)

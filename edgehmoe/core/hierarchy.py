@@ -32,6 +32,8 @@ __all__ = [
     "collapse_single_child_chains",
     "group_leaves",
     "routing_tree",
+    "parse_tree_groups",
+    "AUTO_GROUPS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -541,9 +543,34 @@ def group_leaves(tree: Hierarchy, max_leaves: int) -> Hierarchy:
     return out.with_metric_tree(metric)
 
 
-def routing_tree(tree: Hierarchy, groups: int) -> Hierarchy:
-    """The tree the experts route through: ``tree`` itself for ``groups == 0``, else
-    :func:`group_leaves` ``(tree, groups)``."""
-    if groups < 0:
-        raise HierarchyError(f"tree groups must be 0 (the dataset's tree) or a positive class count; got {groups}")
+AUTO_GROUPS = 30  # the group size "auto" uses (measured on Tiny ImageNet, docs/accuracy.md)
+
+
+def parse_tree_groups(value: str | int) -> int | str:
+    """``"auto"``, or a class count >= 0 (``0``: the dataset's tree); :class:`HierarchyError` otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        groups = int(value)
+    except (TypeError, ValueError):
+        groups = -1
+    if isinstance(value, bool) or groups < 0 or (isinstance(value, float) and value != groups):
+        raise HierarchyError(f"tree groups must be 'auto', 0 (the dataset's tree) or a positive number of classes; "
+                             f"got {value!r}")
+    return groups
+
+
+def routing_tree(tree: Hierarchy, groups: int | str = "auto") -> Hierarchy:
+    """The tree the experts route through.
+
+    ``0``: ``tree`` itself. ``K > 0``: :func:`group_leaves` ``(tree, K)``. ``"auto"``: a tree of
+    at most two levels below the root, or of at most :data:`AUTO_GROUPS` classes, as it is
+    (CIFAR-100's superclasses); a deeper, larger one cut to groups of at most
+    :data:`AUTO_GROUPS` classes (WordNet over Tiny ImageNet: 12 levels and 102 experts become
+    2 levels and 18 experts; docs/accuracy.md).
+    """
+    groups = parse_tree_groups(groups)
+    if groups == "auto":
+        deep = tree.max_depth > 2 and tree.num_classes > AUTO_GROUPS
+        return group_leaves(tree, AUTO_GROUPS) if deep else tree
     return group_leaves(tree, groups) if groups else tree
