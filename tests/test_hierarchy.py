@@ -211,3 +211,17 @@ def test_unknown_wnid_is_a_clear_error():
         wordnet_hierarchy(["n01443537", "n09999999"])
     with pytest.raises(HierarchyError, match="not a WordNet noun id"):
         wordnet_hierarchy(["dog"])
+
+
+def test_auto_groups_cut_the_packaged_tiny_imagenet_tree_to_two_levels():
+    from edgehmoe.data.taxonomy import tiny_imagenet_hierarchy
+
+    full = tiny_imagenet_hierarchy()
+    t = routing_tree(full)  # the default, "auto"
+    assert full.max_depth > 2 and len(full.internal_nodes) == 102
+    assert t.max_depth == 2 and len(t.internal_nodes) == 18 and t.num_children[0] == 23
+    assert t.class_names() == full.class_names() and t.metric_tree == full
+    assert max(int(t.leaves_under[c]) for c in t.children(0)) <= 30
+    # every group is a node of the full tree with exactly its classes
+    for g in t.internal_nodes[1:]:
+        assert sorted(t.leaf_classes_under(int(g))) == sorted(full.leaf_classes_under(full.index(t.names[g])))
