@@ -203,8 +203,9 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                     f"{source}: unknown key {sec_name}.{key}; valid keys in [{sec_name}]: {', '.join(valid)}"
                 )
             default = getattr(sec, key)
+            kind = type(default).__name__
             if (sec_name, key) in _INT_OR_WORD:  # a number or a word; validate() checks which
-                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+                ok, kind = isinstance(value, (int, str)) and not isinstance(value, bool), "whole number or a word"
             elif isinstance(default, bool) or not isinstance(default, (int, float, str)):
                 ok = isinstance(value, type(default))
             elif isinstance(default, float):
@@ -214,12 +215,9 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
                 ok = isinstance(value, str)
-            if not ok and (sec_name, key) in _INT_OR_WORD:
-                raise ConfigError(f"{source}: {sec_name}.{key} = {value!r} should be a whole number or a word "
-                                  f"(e.g. {sec_name}.{key} = {default!r})")
             if not ok:
                 raise ConfigError(
-                    f"{source}: {sec_name}.{key} = {value!r} should be a {type(default).__name__} "
+                    f"{source}: {sec_name}.{key} = {value!r} should be a {kind} "
                     f"(e.g. {sec_name}.{key} = {default!r})"
                 )
             setattr(sec, key, value)
