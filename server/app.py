@@ -222,7 +222,8 @@ class AggregationServer:
                                           cafile=b.cafile, client_id=b.client_id, fresh_session=not self.resume)
         self.runner = RoundRunner(self.transport, Topics(self.cfg.run.name), self.registry, self.tree,
                                   clock=self.clock, stop=self.stop,
-                                  rules=UpdateRules.from_schedule(self.cfg.schedule))
+                                  rules=UpdateRules.from_schedule(self.cfg.schedule),
+                                  offline_grace_s=self.cfg.schedule.offline_grace_s)
         self.runner.subscribe()
 
     def close(self) -> None:
@@ -255,6 +256,36 @@ class AggregationServer:
                 f"only {online} of the {need} devices needed (schedule.min_devices) announced themselves within "
                 f"{self.cfg.schedule.wait_for_devices_s:.0f} s; start more clients or lower min_devices"
             )
+
+    def _await_reconnects(self) -> None:
+        """Before a round is planned: let the server's own connection and the devices whose will
+        arrived in the last ``schedule.offline_grace_s`` come back.
+
+        A broker restart sends the will of every device, and each reconnects a few seconds later;
+        planning at once would ask only the devices that happened to be back first. Messages that
+        already arrived are handled first, so the registry is current. Waits at most the grace for
+        devices and ``schedule.wait_for_devices_s`` for the server's connection.
+        """
+        grace = self.cfg.schedule.offline_grace_s
+        self._pump(0.01)
+        start = self.clock()
+        told = False
+        while not self.stop.is_set():
+            connected = getattr(self.transport, "connected", True)
+            waiting = self.registry.returning(grace) if grace > 0 else []
+            waited = self.clock() - start
+            if connected and (not waiting or waited >= grace):
+                return
+            if not connected and waited >= self.cfg.schedule.wait_for_devices_s:
+                return  # tasks stay queued until the reconnect; the deadline decides, as for any round
+            if not told:
+                told = True
+                if connected:
+                    logger.info("round %d: waiting for %s to reconnect (schedule.offline_grace_s %g s)", self.round,
+                                ", ".join(waiting), grace)
+                else:
+                    logger.info("round %d: waiting for the broker connection to come back", self.round)
+            self._pump(0.2)
 
     def _wait_for_any_device(self) -> None:
         """Handle messages until a device is online; :class:`RunError` after ``schedule.wait_for_devices_s``."""
@@ -291,6 +322,7 @@ class AggregationServer:
         """Run and commit the next round; its metrics row, or ``None`` if it must be run again."""
         rnd = self.round
         cfg = self.cfg
+        self._await_reconnects()
         plan = self.scheduler.plan(self.registry.views(), cfg.schedule.devices_per_round,
                                    np.random.default_rng(cfg.run.seed + rnd))
         if not plan:

@@ -93,6 +93,9 @@ class ScheduleSection:
     round_timeout_s: float = 300.0  # deadline: results after it are dropped
     wait_for_devices_s: float = 120.0  # give up if not enough devices announce themselves
     retries: int = 1  # extra attempts for a round in which no device answered
+    offline_grace_s: float = 10.0  # a device whose last will arrives (connection lost, e.g. a broker restart) has
+    #                               this long to reconnect: its task is re-sent, not given up, and the next round
+    #                               waits for it; 0 = give its task up at once
     # --- one bad device (docs/security.md) ---
     aggregation: str = "fedavg"  # fedavg (weighted by num_examples) | median | trimmed_mean (coordinate-wise, robust)
     trim_fraction: float = 0.2  # trimmed_mean: share of values cut at each end of every coordinate, in [0, 0.5)
@@ -156,6 +159,8 @@ class RunConfig:
         need(self.schedule.rounds >= 1, "schedule.rounds must be >= 1")
         need(self.schedule.min_devices >= 1, "schedule.min_devices must be >= 1")
         need(self.schedule.round_timeout_s > 0, "schedule.round_timeout_s must be > 0")
+        need(math.isfinite(self.schedule.offline_grace_s) and self.schedule.offline_grace_s >= 0,
+             "schedule.offline_grace_s must be a number of seconds >= 0 (0 = give up a lost device's task at once)")
         need(self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
         need(self.train.expert_epochs >= 0, "train.expert_epochs must be >= 0 (0 = same as train.epochs)")
         need(math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr must be a positive number")

@@ -97,6 +97,8 @@ class DeviceRegistry:
         self.log_interval_s = float(log_interval_s)
         self.devices: dict[str, Device] = {}
         self._hello_log: dict[str, tuple[float, int]] = {}  # device -> (time of last line, hellos not logged)
+        #: device -> clock time its last will arrived, while it stays offline (not saved).
+        self.went_offline: dict[str, float] = {}
 
     @classmethod
     def from_json(cls, num_classes: int, rows: Iterable[dict], clock: Callable[[], float] = time.time,
@@ -129,6 +131,17 @@ class DeviceRegistry:
 
     def online(self) -> list[Device]:
         return [d for d in self.devices.values() if d.online]
+
+    def returning(self, grace_s: float) -> list[str]:
+        """Devices whose last will arrived less than ``grace_s`` ago and that have not spoken since.
+
+        A broker restart sends the will of every connected device; they reconnect a few seconds
+        later. The server waits for these before it plans a round without them.
+        """
+        now = self.clock()
+        return sorted(dev for dev, t in self.went_offline.items()
+                      if now - t < grace_s and dev in self.devices and not self.devices[dev].online
+                      and not self.dropped(self.devices[dev]))
 
     def dropped(self, d: Device) -> bool:
         """``True`` if ``d`` missed too many deadlines in a row to be asked again (see ``max_missed``)."""
@@ -188,6 +201,7 @@ class DeviceRegistry:
             if known is not None:
                 known.online = known.busy = False
             return False
+        self.went_offline.pop(h.device_id, None)
         known = h.device_id in self.devices
         self.devices[h.device_id] = Device(
             device_id=h.device_id, class_counts=np.asarray(h.class_counts, dtype=np.int64),
@@ -208,9 +222,11 @@ class DeviceRegistry:
         if s.state == "offline":
             if d.online:
                 logger.warning("device %s went offline", s.device_id)
+                self.went_offline[s.device_id] = d.last_seen
             d.online = False
             d.busy = False
         else:
+            self.went_offline.pop(s.device_id, None)
             d.online = True
             d.busy = s.state == "busy"
 

@@ -225,12 +225,17 @@ class RoundRunner:
         stop: when set, the round stops collecting; :meth:`fit_round` then returns ``None``
             unless every device had answered.
         rules: the update-norm bound and the aggregation rule (:class:`UpdateRules`).
+        offline_grace_s: a device whose last will arrives during the open round keeps its task
+            this long (``schedule.offline_grace_s``): if it says hello again (it reconnected,
+            e.g. after a broker restart) its task is sent again, since the broker may have lost
+            it; if not, the task ends ``offline`` then. ``0`` ends it at once.
     """
 
     def __init__(self, transport: Transport, topics: Topics, registry: DeviceRegistry, tree: Hierarchy, *,
                  clock: Callable[[], float] = time.time, stop: threading.Event | None = None,
-                 rules: UpdateRules | None = None):
+                 rules: UpdateRules | None = None, offline_grace_s: float = 0.0):
         self.transport = transport
+        self.offline_grace_s = float(offline_grace_s)
         self.rules = rules if rules is not None else UpdateRules()
         self.topics = topics
         self.run = topics.run
@@ -244,6 +249,8 @@ class RoundRunner:
         self.pending: dict[str, Pending] = {}  # task_id -> Pending
         self._by_device: dict[str, list[Pending]] = {}  # device id -> its pending tasks
         self._left = 0  # tasks of the open round not yet answered
+        self._lost: dict[str, float] = {}  # device -> clock time its will arrived in the open round
+        self._expiry_s: float | None = None  # message expiry of the open round's tasks
         #: FedAvg running sums of the open round by node (when the rules allow streaming).
         self.streams: dict[int, FedAvgStream] = {}
         self._ref_norms: dict[int, float] = {}  # node -> norm of the weights sent this round
@@ -308,7 +315,8 @@ class RoundRunner:
             self._drop(dev_id, "dropped %s on %s: it claims device %r", type(msg).__name__, topic, sender)
             return
         if kind == "hello" and isinstance(msg, wire.Hello):
-            self.registry.on_hello(msg)
+            if self.registry.on_hello(msg):
+                self._on_back(dev_id)
         elif kind == "status" and isinstance(msg, wire.Status):
             self.registry.on_status(msg)
             self._on_status(msg)
@@ -349,16 +357,55 @@ class RoundRunner:
             if not p.answered:
                 self._settle(p, outcome, reason)
 
+    def _unanswered(self, dev_id: str) -> list[Pending]:
+        return [p for p in self._by_device.get(dev_id, ()) if not p.answered] if self.open else []
+
+    def _on_back(self, dev_id: str) -> None:
+        """``dev_id`` said hello (it connected again): send its unanswered tasks of the open round again.
+
+        A broker restart, or a session the broker did not keep, loses the task the device had not
+        yet received; one it had received arrives twice, and the client answers the copy with its
+        stored result (the server ignores the duplicate).
+        """
+        self._lost.pop(dev_id, None)
+        # the copy expires with the round, as the first did
+        expiry = None if self._expiry_s is None else max(1.0, self.deadline - self.clock())
+        for p in self._unanswered(dev_id):
+            payload = wire.encode(p.task)
+            self.bytes_out += len(payload)
+            try:
+                self.transport.publish(self.topics.task(dev_id), payload, qos=1, expiry_s=expiry, wait=False)
+                logger.info("device %s connected again during round %d; its task %s was sent again", dev_id,
+                            self.round, p.task_id)
+            except (TimeoutError, MqttError) as e:
+                logger.warning("round %d: task for %s not sent again yet (%s)", self.round, dev_id, e)
+
+    def _expire_lost(self) -> None:
+        """End the tasks of devices whose will arrived ``offline_grace_s`` ago and that did not come back."""
+        now = self.clock()
+        for dev_id, t in list(self._lost.items()):
+            if now - t >= self.offline_grace_s:
+                del self._lost[dev_id]
+                self._settle_device(dev_id, "offline", f"went offline (not back within {self.offline_grace_s:g} s)")
+
     def _on_status(self, s: wire.Status) -> None:
-        if s.state == "offline":  # last will: its part of the round ends now, not at the deadline
-            self._settle_device(s.device_id, "offline", "went offline")
-        elif s.state in ("refused", "error") and s.round == self.round and self.open:
+        if s.state == "offline":  # last will
+            if self.offline_grace_s <= 0:  # its part of the round ends now, not at the deadline
+                self._settle_device(s.device_id, "offline", "went offline")
+            elif self._unanswered(s.device_id) and s.device_id not in self._lost:
+                self._lost[s.device_id] = self.clock()
+                logger.warning("device %s lost its connection during round %d; its task is kept %g s for it to "
+                               "reconnect (schedule.offline_grace_s)", s.device_id, self.round, self.offline_grace_s)
+            return
+        self._lost.pop(s.device_id, None)
+        if s.state in ("refused", "error") and s.round == self.round and self.open:
             if any(not p.answered for p in self._by_device.get(s.device_id, ())):
                 logger.warning("device %s %s round %d: %s", s.device_id, s.state, s.round, s.detail)
             self._settle_device(s.device_id, s.state, s.detail)
 
     def _on_result(self, r: wire.TrainResult) -> None:
         self.registry.on_answer(r.device_id)  # it is alive, whatever becomes of this result
+        self._lost.pop(r.device_id, None)
         p = self.pending.get(r.task_id) if self.open else None
         if p is None or r.round != self.round:
             self._drop(r.device_id, "dropped result from %s for task %s (round %d): not a task of this round "
@@ -416,6 +463,7 @@ class RoundRunner:
         for p in self.pending.values():
             self._by_device.setdefault(p.device_id, []).append(p)
         self._left = len(self.pending)
+        self._lost, self._expiry_s = {}, expiry_s
         self.bytes_out = self.bytes_in = 0
         self._ref_norms = {}
         # FedAvg without clipping to the round's median change folds each result into a running
@@ -448,11 +496,16 @@ class RoundRunner:
                 if self._left == 0:
                     break
                 self.pump(0.5)
+                self._expire_lost()
                 if self._left == 0:
                     break
                 if self.clock() > deadline:
                     for p in self.pending.values():
-                        if not p.answered:
+                        if p.answered:
+                            continue
+                        if p.device_id in self._lost:  # its will arrived, and it did not come back
+                            self._settle(p, "offline", "went offline (not back before the deadline)")
+                        else:
                             self._settle(p, "timeout", "no answer before the deadline")
                             logger.warning("round %d: %s did not answer before the deadline", rnd, p.device_id)
                     break

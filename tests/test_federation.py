@@ -249,14 +249,44 @@ def test_bad_updates_and_stragglers_are_dropped_and_the_run_goes_on(fed, caplog)
     assert state["round"] == 2
 
 
+def on_busy(f: Federation, run: str, device: str, rnd: int, action) -> threading.Thread:
+    """Run ``action()`` (once, in a thread) as soon as ``device`` reports "busy" in round ``rnd``."""
+    from edgehmoe.fl import wire
+    from edgehmoe.fl.mqtt import MqttConnection, Topics
+
+    # The read-only monitor account: a second login as the server would take over its
+    # session (client ids are user names, issue #10).
+    conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-monitor",
+                                   password=f.passwords["edgehmoe-monitor"])
+    conn.connect(timeout=10)
+    conn.subscribe(Topics(run).status(device))
+
+    def watch():
+        try:
+            while True:
+                try:
+                    _, p = conn.receive(timeout=0.5)
+                except TimeoutError:
+                    continue
+                s = wire.decode(p)
+                if s.state == "busy" and s.round == rnd:
+                    action()
+                    return
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def test_client_killed_mid_round_round_completes_without_it(fed):
     from edgehmoe.server.app import AggregationServer
 
-    from edgehmoe.fl import wire
-
     # Prepare
     f = fed(3, extra_users=("edgehmoe-monitor",))
-    cfg = f.config("t-kill", rounds=4, round_timeout_s=30.0)
+    # the victim's will ends its task after the grace (it does not come back)
+    cfg = f.config("t-kill", rounds=4, round_timeout_s=30.0, offline_grace_s=3.0)
     # Rounds end when the last device answers; with 1 epoch one took ~60 ms, shorter than the
     # watcher's reaction, so the kill landed in a later round. 40 epochs keep a round busy ~1 s.
     cfg.train.epochs = 40
@@ -264,32 +294,11 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
     victim = "dev-2"
     killed = threading.Event()
 
-    def killer():
-        # kill the victim as soon as it reports "busy" in round 1 (it is training)
-        watch = f.broker  # noqa: F841
-        from edgehmoe.fl.mqtt import MqttConnection, Topics
+    def kill():
+        f.procs[victim].kill()
+        killed.set()
 
-        # The read-only monitor account: a second login as the server would take over its
-        # session (client ids are user names, issue #10).
-        conn = MqttConnection.from_url(f.broker.url, client_id="watcher", username="edgehmoe-monitor",
-                                       password=f.passwords["edgehmoe-monitor"])
-        conn.connect(timeout=10)
-        conn.subscribe(Topics(cfg.run.name).status(victim))
-        try:
-            while not killed.is_set():
-                try:
-                    _, p = conn.receive(timeout=0.5)
-                except TimeoutError:
-                    continue
-                s = wire.decode(p)
-                if s.state == "busy" and s.round == 1:
-                    f.procs[victim].kill()
-                    killed.set()
-        finally:
-            conn.close()
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    on_busy(f, cfg.run.name, victim, 1, kill)
     # Execute
     rows = AggregationServer(cfg).run()
     # Assert
@@ -395,6 +404,34 @@ def test_run_survives_a_broker_restart(fed):
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["devices_answered"] == 2 for r in rows)
     assert all(p.poll() is None for p in f.procs.values())  # the clients kept running
+
+
+def test_broker_restart_mid_round_loses_no_device(fed, caplog):
+    from edgehmoe.server.app import AggregationServer
+
+    # Prepare: the broker restarts while the devices train round 1 (no persistence: the broker
+    # forgets every session and message). Each device's will arrives, each reconnects.
+    f = fed(2, extra_users=("edgehmoe-monitor",))
+    cfg = f.config("t-restart-mid", rounds=3, round_timeout_s=60.0)
+    cfg.train.epochs = 40  # a round stays busy ~1 s, long enough to restart the broker inside it
+    f.start_clients(cfg.run.name)
+    restarted = threading.Event()
+
+    def restart():
+        f.broker.restart(downtime=1.0)
+        restarted.set()
+
+    watcher = on_busy(f, cfg.run.name, "dev-0", 1, restart)
+    caplog.set_level(logging.INFO)
+    # Execute
+    rows = AggregationServer(cfg).run()
+    # Assert: the round the broker went away in still has both devices' results
+    watcher.join(timeout=30)
+    assert restarted.is_set()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["outcomes"] for r in rows] == [{"dev-0": "ok", "dev-1": "ok"}] * 3, [r["reasons"] for r in rows]
+    assert "round repeated" not in caplog.text  # nobody's training was thrown away
+    assert all(p.poll() is None for p in f.procs.values())
 
 
 def test_client_refuses_a_task_over_its_memory_budget(fed):

@@ -45,7 +45,8 @@ class FakeTransport:
     """publish/subscribe/receive/close like MqttConnection; ``reply(device, task)`` scripts devices.
 
     Inbox items are ``(topic, payload)`` or a callable run when it is reached (e.g. to move
-    the clock past the deadline before the next message).
+    the clock past the deadline before the next message). :meth:`at` holds a message back until
+    the clock reaches a time (a device that comes back later).
     """
 
     def __init__(self, clock: FakeClock, run: str, reply: Callable[[str, wire.TrainTask], list]):
@@ -58,6 +59,11 @@ class FakeTransport:
         self.published: list[tuple[str, wire.TrainTask, float | None]] = []
         self.subscribed: list[str] = []
         self.closed = False
+        self.later: list[tuple[float, tuple[str, bytes]]] = []
+
+    def at(self, t: float, item: tuple[str, bytes]) -> None:
+        """Deliver ``item`` once the clock reaches ``t``."""
+        self.later.append((t, item))
 
     def publish(self, topic, payload, qos=1, retain=False, wait=True, timeout=30.0, expiry_s=None):
         task = wire.decode(payload, expect=wire.TrainTask)
@@ -72,6 +78,9 @@ class FakeTransport:
 
     def receive(self, timeout=None):
         while True:
+            for t, item in [x for x in self.later if x[0] <= self.clock.t]:
+                self.later.remove((t, item))
+                self.inbox.put(item)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -262,6 +271,79 @@ def test_offline_device_ends_its_part_of_the_round_before_the_deadline(tmp_path)
     assert not server.devices["b"].online and server.devices["a"].online
     # eval.every = 0: validation only after the last round
     assert ["val_info_f1" in r for r in rows] == [False, True]
+
+
+def test_device_that_reconnects_within_the_grace_gets_its_task_again_and_counts(tmp_path, caplog):
+    # Prepare: "b"'s connection drops while it trains (its will arrives), it says hello again 3 s
+    # later (a broker restart, say) and, the task having been lost with the old broker, answers
+    # only the copy the server sends again.
+    asked = []
+
+    def reply(dev, task):
+        asked.append((dev, task.task_id))
+        w = task.weights
+        if dev == "a" or asked.count((dev, task.task_id)) == 2:
+            return [fake.result(dev, task, const_like(w, 2.0, 1), 4)]
+
+        def later():
+            clock.t += 3.0
+
+        return [fake.status(dev, "busy", task.round), fake.status(dev, "offline"), later, fake.hello(dev),
+                fake.status(dev, "idle")]
+
+    server, fake, clock = make_server(tmp_path, reply, ["a", "b"], rounds=1, offline_grace_s=10.0)
+    caplog.set_level(logging.INFO)
+    # Execute
+    (row,) = server.run()
+    # Assert: the same task went to "b" twice, and its answer to the copy counted
+    (tid_b,) = {t for d, t in asked if d == "b"}
+    assert asked.count(("b", tid_b)) == 2 and asked.count(("a", asked[0][1])) == 1
+    assert row["outcomes"] == {"a": "ok", "b": "ok"} and row["devices_answered"] == 2
+    assert clock.t < T0 + 10.0  # the round did not wait for the grace or the deadline
+    assert "device b lost its connection during round 0" in caplog.text
+    assert f"device b connected again during round 0; its task {tid_b} was sent again" in caplog.text
+
+
+@pytest.mark.parametrize("grace", [10.0, 0.0, 2 * TIMEOUT])
+def test_device_that_does_not_come_back_ends_offline_after_the_grace(tmp_path, grace):
+    def reply(dev, task):
+        if dev == "a":
+            return [fake.result(dev, task, const_like(task.weights, 2.0, 1), 4)]
+        return [fake.status(dev, "busy", task.round), fake.status(dev, "offline")]
+
+    server, fake, clock = make_server(tmp_path, reply, ["a", "b"], rounds=1, offline_grace_s=grace)
+    t0 = clock.t
+    (row,) = server.run()
+    assert row["outcomes"] == {"a": "ok", "b": "offline"}
+    if grace > TIMEOUT:  # the deadline came first: still offline (its will arrived), not a missed deadline
+        assert row["reasons"]["b"] == "went offline (not back before the deadline)"
+        assert TIMEOUT <= clock.t - t0 < TIMEOUT + 2.0
+        return
+    assert row["reasons"]["b"] == (f"went offline (not back within {grace:g} s)" if grace else "went offline")
+    # the round waited the grace (not the deadline) for "b", or not at all without one
+    assert (grace <= clock.t - t0 < grace + 2.0) if grace else (clock.t - t0 < 2.0)
+
+
+@pytest.mark.parametrize("grace", [10.0, 0.0])
+def test_next_round_waits_for_devices_whose_will_arrived_between_rounds(tmp_path, caplog, grace):
+    # Prepare: after round 0 every device's will arrives (the broker restarted); "a" is back at
+    # once, "b" 4 s later. The next round must not be planned without "b".
+    def reply(dev, task):
+        items = [fake.result(dev, task, const_like(task.weights, 2.0, 1), 4)]
+        if task.round == 0 and dev == "b":
+            items += [fake.status("a", "offline"), fake.status("b", "offline"), fake.hello("a")]
+            fake.at(clock.t + 4.0, fake.hello("b"))
+        return items
+
+    server, fake, clock = make_server(tmp_path, reply, ["a", "b"], rounds=2, eval_every=0, offline_grace_s=grace)
+    caplog.set_level(logging.INFO)
+    # Execute
+    rows = server.run()
+    # Assert: with the grace both devices train round 1; without it only the one back first
+    assert rows[0]["outcomes"] == {"a": "ok", "b": "ok"}
+    assert rows[1]["outcomes"] == ({"a": "ok", "b": "ok"} if grace else {"a": "ok"})
+    assert ("round 1: waiting for b to reconnect" in caplog.text) == bool(grace)
+    assert (fake.later == []) == bool(grace)  # without the grace the run ended before "b" was back
 
 
 def test_result_of_a_finished_round_is_dropped_in_the_next(tmp_path, caplog):
