@@ -62,6 +62,7 @@ __all__ = [
     "make_session_options",
     "preprocess",
     "preprocess_table",
+    "softmax_rows",
 ]
 
 # How BundlePredictor uses a bundle's fused graphs: "auto" when present and up to date,
@@ -108,7 +109,7 @@ def preprocess_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return np.ascontiguousarray((v[None, :] - m) / s)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax_rows(z: np.ndarray) -> np.ndarray:
     """Row softmax in float64 (in place on a fresh copy: the same operations as
     ``e = exp(z - max); e / sum(e)``, hence the same bits, with fewer allocations)."""
     z = np.array(z, dtype=np.float64)
@@ -468,7 +469,7 @@ class BundlePredictor(_BundleBase):
         if kind is None:
 
             def fn(node: int, idx: np.ndarray) -> np.ndarray:
-                return _softmax(self.expert_logits(node, _rows(xp, idx)))
+                return softmax_rows(self.expert_logits(node, _rows(xp, idx)))
 
         else:
             cache: list[dict] = []
@@ -482,11 +483,11 @@ class BundlePredictor(_BundleBase):
                     if len(samples) == len(idx) and (
                         samples[0] == idx[0] if len(idx) == 1 else bool((samples == idx).all())
                     ):
-                        return _softmax(logits)
+                        return softmax_rows(logits)
                     pos = np.searchsorted(samples, idx)
                     if len(samples) and (pos < len(samples)).all() and np.array_equal(samples[pos], idx):
-                        return _softmax(logits[pos])
-                return _softmax(self.expert_logits(node, _rows(xp, idx)))
+                        return softmax_rows(logits[pos])
+                return softmax_rows(self.expert_logits(node, _rows(xp, idx)))
 
         return fn if record is None else routing.record_expert_probs(fn, len(xp), record)
 
@@ -564,7 +565,7 @@ class FlatPredictor(_BundleBase):
         return self._logits(self.session(), self.input_name, self.preprocess(x), self._entry)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return _softmax(self.logits(x))
+        return softmax_rows(self.logits(x))
 
     def predict(self, x: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(nodes, probability)`` through :func:`edgehmoe.core.routing.flat_decode`: the argmax

@@ -62,7 +62,7 @@ from edgehmoe.edge.manifest import (
     read_manifest,
     verify_bundle,
 )
-from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor
+from edgehmoe.edge.runtime import BundlePredictor, FlatPredictor, softmax_rows
 from edgehmoe.errors import UsageError
 from edgehmoe.export.quantize import QUANTIZE_CHOICES  # onnx is imported only when quantizing
 
@@ -397,7 +397,7 @@ def check_parity_dirs(md: ModelDir, bundle: Path, torch_experts: dict, torch_fla
                     f"(> {atol:g}); the export is not faithful"
                 )
         # Greedy predictions through the shared routing code, torch probabilities vs ORT.
-        torch_probs = {n: _softmax(predict_logits(m, x, mean, std)) for n, m in torch_experts.items()}
+        torch_probs = {n: softmax_rows(predict_logits(m, x, mean, std)) for n, m in torch_experts.items()}
         tree = md.hierarchy
         ref_nodes, _ = routing.decode(tree, samples, lambda n, idx: torch_probs[n][idx])
         got_nodes, _ = pred.predict_greedy(x)
@@ -423,13 +423,6 @@ def check_parity_dirs(md: ModelDir, bundle: Path, torch_experts: dict, torch_fla
     report["worst"] = worst
     logger.info("parity: max |torch - ORT| = %.2e over %d images", worst, samples)
     return report
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _near_tie(tree: Hierarchy, probs: dict, i: int, a: int, b: int, atol: float) -> bool:
