@@ -6,6 +6,8 @@
 #   edgehmoe/client.env                  EDGEHMOE_* settings for the client (broker, device id, ...)
 #   edgehmoe/shard.npz                   the device's data shard (--data)
 #   edgehmoe/mqtt-password, ca.crt       broker credentials (--credentials, --cafile)
+#   edgehmoe/client.crt, client.key      client certificate for a broker that requires one
+#                                        (--certfile, --keyfile; the key is deleted after install)
 #   edgehmoe/install_client.sh           the installer, run on the Pi once the network is up
 #   edgehmoe/firstboot.sh                installs + enables edgehmoe-firstboot.service
 #   edgehmoe/edgehmoe-firstboot.service  oneshot unit: runs install_client.sh --from-boot, retried
@@ -64,6 +66,8 @@ Device:
   --credentials FILE        broker login: one line "USERNAME:PASSWORD", or just "PASSWORD"
                             (the username is then the device id)
   --cafile FILE             CA certificate (PEM) for an mqtts:// broker
+  --certfile FILE           client certificate (PEM) for an mqtts:// broker that requires one
+  --keyfile FILE            ... and its private key (PEM); removed from the card after install
   --hostname H              hostname (default: edgehmoe-ID)
   --admin-user NAME         login account to create (default: pi; password locked)
   --ssh-key FILE            public key allowed to log in as the admin user (enables SSH)
@@ -109,7 +113,7 @@ readable_file() {  # readable_file WHAT PATH
 # ------------------------------------------------------------------------------------------
 # Arguments
 # ------------------------------------------------------------------------------------------
-IMAGE="" TARGET="" DEVICE_ID="" BROKER="" DATA="" BUDGET="" CREDENTIALS="" CAFILE=""
+IMAGE="" TARGET="" DEVICE_ID="" BROKER="" DATA="" BUDGET="" CREDENTIALS="" CAFILE="" CERTFILE="" KEYFILE=""
 HOSTNAME_NEW="" ADMIN_USER=pi SSH_KEY="" WIFI_SSID="" WIFI_PASSWORD_FILE="" WIFI_COUNTRY=""
 CHECKSUM="" PROVISIONING=auto FORCE=0 ASSUME_YES=0 DRY_RUN=0
 positional=()
@@ -122,6 +126,8 @@ while [ "$#" -gt 0 ]; do
         --memory-budget-mb) need_value "$@"; BUDGET=$2; shift 2 ;;
         --credentials) need_value "$@"; CREDENTIALS=$2; shift 2 ;;
         --cafile) need_value "$@"; CAFILE=$2; shift 2 ;;
+        --certfile) need_value "$@"; CERTFILE=$2; shift 2 ;;
+        --keyfile) need_value "$@"; KEYFILE=$2; shift 2 ;;
         --hostname) need_value "$@"; HOSTNAME_NEW=$2; shift 2 ;;
         --admin-user) need_value "$@"; ADMIN_USER=$2; shift 2 ;;
         --ssh-key) need_value "$@"; SSH_KEY=$2; shift 2 ;;
@@ -224,6 +230,16 @@ fi
 if [ -n "$CAFILE" ]; then
     readable_file "CA file" "$CAFILE"
     grep -q -- '-----BEGIN CERTIFICATE-----' "$CAFILE" || usage_error "CA file '$CAFILE' holds no PEM certificate"
+fi
+if [ -n "$CERTFILE$KEYFILE" ]; then
+    if [ -z "$CERTFILE" ] || [ -z "$KEYFILE" ]; then
+        usage_error "give --certfile and --keyfile together (the client certificate and its private key)"
+    fi
+    [[ $BROKER == mqtts://* ]] || usage_error "a client certificate needs TLS: the broker URL '$BROKER' must be mqtts://"
+    readable_file "certificate file" "$CERTFILE"
+    readable_file "key file" "$KEYFILE"
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$CERTFILE" || usage_error "certificate file '$CERTFILE' holds no PEM certificate"
+    grep -q -- 'PRIVATE KEY-----' "$KEYFILE" || usage_error "key file '$KEYFILE' holds no PEM private key"
 fi
 
 SSH_KEYS=""
@@ -503,10 +519,18 @@ mkdir -p "$STAGE/edgehmoe"
         printf 'EDGEHMOE_PASSWORD_FILE=/etc/edgehmoe/mqtt-password\n'
     fi
     if [ -n "$CAFILE" ]; then printf 'EDGEHMOE_CAFILE=/etc/edgehmoe/ca.crt\n'; fi
+    if [ -n "$CERTFILE" ]; then
+        printf 'EDGEHMOE_CERTFILE=/etc/edgehmoe/client.crt\n'
+        printf 'EDGEHMOE_KEYFILE=/etc/edgehmoe/client.key\n'
+    fi
 } >"$STAGE/edgehmoe/client.env"
 if [ -n "$DATA" ]; then cp -- "$DATA" "$STAGE/edgehmoe/shard.npz"; fi
 if [ -n "$MQTT_PASSWORD" ]; then printf '%s' "$MQTT_PASSWORD" >"$STAGE/edgehmoe/mqtt-password"; fi
 if [ -n "$CAFILE" ]; then cp -- "$CAFILE" "$STAGE/edgehmoe/ca.crt"; fi
+if [ -n "$CERTFILE" ]; then
+    cp -- "$CERTFILE" "$STAGE/edgehmoe/client.crt"
+    cp -- "$KEYFILE" "$STAGE/edgehmoe/client.key"
+fi
 cp -- "$SCRIPT_DIR/install_client.sh" "$STAGE/edgehmoe/install_client.sh"
 
 cat >"$STAGE/edgehmoe/edgehmoe-firstboot.service" <<EOF
@@ -737,6 +761,7 @@ summary() {
     if [ -n "$SSH_KEYS" ]; then login="SSH key login"; fi
     if [ -n "$MQTT_PASSWORD" ]; then broker+=", user $MQTT_USERNAME"; fi
     if [ -n "$CAFILE" ]; then broker+=", CA $CAFILE"; fi
+    if [ -n "$CERTFILE" ]; then broker+=", client certificate $CERTFILE"; fi
     files=$(cd "$STAGE" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')
     cat >&2 <<EOF
   image         $IMAGE ($IMAGE_KIND, $((IMAGE_BYTES / 1048576)) MiB)

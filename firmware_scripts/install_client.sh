@@ -6,6 +6,8 @@
 # What it sets up (paths under --root, default /):
 #   /etc/edgehmoe/client.env                   EDGEHMOE_* settings (EnvironmentFile of the unit)
 #   /etc/edgehmoe/mqtt-password, ca.crt        broker credentials (root:edgehmoe 0640 / 0644)
+#   /etc/edgehmoe/client.crt, client.key       client certificate for a broker that requires one
+#                                              (0644 / root:edgehmoe 0640)
 #   /etc/edgehmoe/constraints.txt              pip constraints: versions that crash on a Pi 4
 #   /var/lib/edgehmoe/data/shard.npz           the device's data shard (edgehmoe 0640)
 #   /opt/edgehmoe/venv                         venv with edgehmoe[edge,train] from aarch64 wheels
@@ -41,15 +43,17 @@ usage() {
     cat <<EOF
 Usage: $PROG [--from-boot DIR] [--broker URL] [--device-id ID] [--data SHARD.npz]
        [--memory-budget-mb N|auto] [--username U --password-file F] [--cafile F]
+       [--certfile F --keyfile F]
        [--pip-spec SPEC] [--upgrade] [--root DIR] [--no-install] [--no-enable] [--dry-run]
 
 Install or update the edgehmoe client service on this Raspberry Pi (64-bit OS only). Run as root.
 Settings come from, in increasing priority: the existing /etc/edgehmoe/client.env, the
 provisioning directory given by --from-boot (what flash_sd.sh wrote to the card), the options.
 
-  --from-boot DIR        take client.env, shard.npz, mqtt-password and ca.crt from DIR (used at
-                         first boot with DIR=/boot/firmware/edgehmoe); on success the password
-                         and shard are removed from DIR and DIR/installed is written
+  --from-boot DIR        take client.env, shard.npz, mqtt-password, ca.crt, client.crt and
+                         client.key from DIR (used at first boot with DIR=/boot/firmware/edgehmoe);
+                         on success the password, private key and shard are removed from DIR and
+                         DIR/installed is written
   --broker URL           mqtt://HOST:PORT or mqtts://HOST:PORT
   --device-id ID         this device's id
   --data FILE            data shard (.npz), copied to $STATE/data/shard.npz
@@ -57,6 +61,9 @@ provisioning directory given by --from-boot (what flash_sd.sh wrote to the card)
   --username U           broker user name (default: the device id when a password is given)
   --password-file F      file holding the broker password, copied to $ETC/mqtt-password
   --cafile F             CA certificate (PEM) for mqtts://, copied to $ETC/ca.crt
+  --certfile F           client certificate (PEM) for an mqtts:// broker that requires one
+                         (require_certificate), copied to $ETC/client.crt
+  --keyfile F            its private key (PEM), copied to $ETC/client.key (root:edgehmoe 0640)
   --pip-spec SPEC        what to pip install (default: $DEFAULT_PIP_SPEC; may be a wheel path)
   --upgrade              upgrade the venv's packages to the newest allowed versions
   --root DIR             install into DIR instead of / (image building, tests); no apt, pip,
@@ -79,7 +86,7 @@ need_value() { if [ "$#" -lt 2 ] || [ -z "$2" ]; then usage_error "option $1 nee
 # Arguments
 # ------------------------------------------------------------------------------------------
 ROOT=/ FROM_BOOT="" OPT_BROKER="" OPT_DEVICE_ID="" OPT_DATA="" OPT_BUDGET="" OPT_USERNAME=""
-OPT_PASSWORD_FILE="" OPT_CAFILE="" PIP_SPEC=$DEFAULT_PIP_SPEC UPGRADE=0 NO_INSTALL=0 NO_ENABLE=0 DRY_RUN=0
+OPT_PASSWORD_FILE="" OPT_CAFILE="" OPT_CERTFILE="" OPT_KEYFILE="" PIP_SPEC=$DEFAULT_PIP_SPEC UPGRADE=0 NO_INSTALL=0 NO_ENABLE=0 DRY_RUN=0
 while [ "$#" -gt 0 ]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
@@ -92,6 +99,8 @@ while [ "$#" -gt 0 ]; do
         --password-file) need_value "$@"; OPT_PASSWORD_FILE=$2; shift 2 ;;
         --password) usage_error "--password is not accepted (it would show up in ps and shell history); use --password-file" ;;
         --cafile) need_value "$@"; OPT_CAFILE=$2; shift 2 ;;
+        --certfile) need_value "$@"; OPT_CERTFILE=$2; shift 2 ;;
+        --keyfile) need_value "$@"; OPT_KEYFILE=$2; shift 2 ;;
         --pip-spec) need_value "$@"; PIP_SPEC=$2; shift 2 ;;
         --upgrade) UPGRADE=1; shift ;;
         --root) need_value "$@"; ROOT=$2; shift 2 ;;
@@ -135,7 +144,7 @@ esac
 # Settings: existing client.env < --from-boot DIR/client.env < options
 # ------------------------------------------------------------------------------------------
 KEYS=(EDGEHMOE_BROKER EDGEHMOE_DEVICE_ID EDGEHMOE_MEMORY_BUDGET_MB EDGEHMOE_DATA
-      EDGEHMOE_USERNAME EDGEHMOE_PASSWORD_FILE EDGEHMOE_CAFILE)
+      EDGEHMOE_USERNAME EDGEHMOE_PASSWORD_FILE EDGEHMOE_CAFILE EDGEHMOE_CERTFILE EDGEHMOE_KEYFILE)
 declare -A CFG=()
 
 load_env() {  # load_env FILE: KEY=VALUE lines; unknown keys are an error
@@ -166,13 +175,23 @@ if [ -n "$OPT_USERNAME" ]; then CFG[EDGEHMOE_USERNAME]=$OPT_USERNAME; fi
 
 # Files: where each comes from (option, or the provisioning dir) and where it goes.
 readable() { if [ ! -f "$2" ] || [ ! -r "$2" ]; then usage_error "$1 '$2' is missing or not readable"; fi; }
-SRC_DATA="" SRC_PASSWORD="" SRC_CA=""
+SRC_DATA="" SRC_PASSWORD="" SRC_CA="" SRC_CERT="" SRC_KEY=""
 if [ -n "$OPT_DATA" ]; then readable "data shard" "$OPT_DATA"; SRC_DATA=$OPT_DATA
 elif [ -n "$FROM_BOOT" ] && [ -f "$FROM_BOOT/shard.npz" ]; then SRC_DATA=$FROM_BOOT/shard.npz; fi
 if [ -n "$OPT_PASSWORD_FILE" ]; then readable "password file" "$OPT_PASSWORD_FILE"; SRC_PASSWORD=$OPT_PASSWORD_FILE
 elif [ -n "$FROM_BOOT" ] && [ -f "$FROM_BOOT/mqtt-password" ]; then SRC_PASSWORD=$FROM_BOOT/mqtt-password; fi
 if [ -n "$OPT_CAFILE" ]; then readable "CA file" "$OPT_CAFILE"; SRC_CA=$OPT_CAFILE
 elif [ -n "$FROM_BOOT" ] && [ -f "$FROM_BOOT/ca.crt" ]; then SRC_CA=$FROM_BOOT/ca.crt; fi
+if [ -n "$OPT_CERTFILE$OPT_KEYFILE" ]; then
+    if [ -z "$OPT_CERTFILE" ] || [ -z "$OPT_KEYFILE" ]; then
+        usage_error "give --certfile and --keyfile together (the client certificate and its private key)"
+    fi
+    readable "certificate file" "$OPT_CERTFILE"; readable "key file" "$OPT_KEYFILE"
+    SRC_CERT=$OPT_CERTFILE SRC_KEY=$OPT_KEYFILE
+elif [ -n "$FROM_BOOT" ] && [ -f "$FROM_BOOT/client.crt" ]; then
+    [ -f "$FROM_BOOT/client.key" ] || die "'$FROM_BOOT' holds client.crt but no client.key; provision the card again with --certfile and --keyfile"
+    SRC_CERT=$FROM_BOOT/client.crt SRC_KEY=$FROM_BOOT/client.key
+fi
 
 if [ -n "$SRC_DATA" ]; then
     [ "$(head -c 4 -- "$SRC_DATA" | od -An -tx1 | tr -d ' \n')" = 504b0304 ] ||
@@ -184,6 +203,11 @@ fi
 if [ -n "$SRC_PASSWORD" ]; then
     [ -s "$SRC_PASSWORD" ] || usage_error "password file '$SRC_PASSWORD' is empty"
 fi
+if [ -n "$SRC_CERT" ]; then
+    grep -q -- '-----BEGIN CERTIFICATE-----' "$SRC_CERT" ||
+        usage_error "certificate file '$SRC_CERT' holds no PEM certificate"
+    grep -q -- 'PRIVATE KEY-----' "$SRC_KEY" || usage_error "key file '$SRC_KEY' holds no PEM private key"
+fi
 
 # Installed files live at fixed paths, whatever the source was called.
 CFG[EDGEHMOE_DATA]=$STATE/data/shard.npz
@@ -194,6 +218,11 @@ else
     CFG[EDGEHMOE_PASSWORD_FILE]=""
 fi
 if [ -n "$SRC_CA" ] || [ -f "$R$ETC/ca.crt" ]; then CFG[EDGEHMOE_CAFILE]=$ETC/ca.crt; else CFG[EDGEHMOE_CAFILE]=""; fi
+if [ -n "$SRC_CERT" ] || [ -f "$R$ETC/client.crt" ]; then
+    CFG[EDGEHMOE_CERTFILE]=$ETC/client.crt CFG[EDGEHMOE_KEYFILE]=$ETC/client.key
+else
+    CFG[EDGEHMOE_CERTFILE]="" CFG[EDGEHMOE_KEYFILE]=""
+fi
 
 # Validate the merged settings.
 BROKER=${CFG[EDGEHMOE_BROKER]:-}
@@ -203,6 +232,9 @@ DEVICE_ID=${CFG[EDGEHMOE_DEVICE_ID]:-}
 host_re='([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])'
 [[ $BROKER =~ ^mqtts?://${host_re}(:[0-9]{1,5})?$ ]] ||
     usage_error "bad broker URL '$BROKER': expected mqtt://HOST:PORT or mqtts://HOST:PORT"
+if [ -n "${CFG[EDGEHMOE_CERTFILE]}" ] && [[ $BROKER != mqtts://* ]]; then
+    usage_error "a client certificate needs TLS: the broker URL '$BROKER' must be mqtts://"
+fi
 [[ $DEVICE_ID =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] ||
     usage_error "bad device id '$DEVICE_ID': use 1-64 letters, digits, '.', '_' or '-'"
 if [ -n "${CFG[EDGEHMOE_USERNAME]:-}" ]; then
@@ -337,6 +369,10 @@ env_file=$TMP/client.env
 put_file "$env_file" "$ETC/client.env" 0640 root "$SERVICE_USER" service
 if [ -n "$SRC_PASSWORD" ]; then put_file "$SRC_PASSWORD" "$ETC/mqtt-password" 0640 root "$SERVICE_USER" service; fi
 if [ -n "$SRC_CA" ]; then put_file "$SRC_CA" "$ETC/ca.crt" 0644 root root service; fi
+if [ -n "$SRC_CERT" ]; then
+    put_file "$SRC_CERT" "$ETC/client.crt" 0644 root root service
+    put_file "$SRC_KEY" "$ETC/client.key" 0640 root "$SERVICE_USER" service
+fi
 if [ -n "$SRC_DATA" ]; then put_file "$SRC_DATA" "$STATE/data/shard.npz" 0640 "$SERVICE_USER" "$SERVICE_USER" service; fi
 
 # Versions with known crashes on the Raspberry Pi 4 (Cortex-A72 is ARMv8.0-A: no LSE atomics,
@@ -380,6 +416,7 @@ set -- --broker "\$EDGEHMOE_BROKER" --device-id "\$EDGEHMOE_DEVICE_ID" \\
 if [ -n "\${EDGEHMOE_USERNAME:-}" ]; then set -- "\$@" --username "\$EDGEHMOE_USERNAME"; fi
 if [ -n "\${EDGEHMOE_PASSWORD_FILE:-}" ]; then set -- "\$@" --password-file "\$EDGEHMOE_PASSWORD_FILE"; fi
 if [ -n "\${EDGEHMOE_CAFILE:-}" ]; then set -- "\$@" --cafile "\$EDGEHMOE_CAFILE"; fi
+if [ -n "\${EDGEHMOE_CERTFILE:-}" ]; then set -- "\$@" --certfile "\$EDGEHMOE_CERTFILE" --keyfile "\$EDGEHMOE_KEYFILE"; fi
 exec "\${EDGEHMOE_CLIENT_BIN:-$VENV/bin/edgehmoe-client}" "\$@"
 EOF
 put_dir /opt/edgehmoe 0755 root root
@@ -523,7 +560,7 @@ fi
 # First boot: take the secrets off the FAT partition and stop edgehmoe-firstboot.service
 # ------------------------------------------------------------------------------------------
 if [ -n "$FROM_BOOT" ] && [ "$DRY_RUN" = 0 ] && { [ "$DO_SYSTEM" = 1 ] || [ "$REAL_SYSTEM" = 0 ]; }; then
-    rm -f -- "$FROM_BOOT/mqtt-password" "$FROM_BOOT/shard.npz"
+    rm -f -- "$FROM_BOOT/mqtt-password" "$FROM_BOOT/client.key" "$FROM_BOOT/shard.npz"
     printf 'edgehmoe client installed; settings now live in %s/client.env\n' "$ETC" >"$FROM_BOOT/installed"
     if [ "$DO_SYSTEM" = 1 ] && [ "$NO_ENABLE" = 0 ]; then systemctl disable edgehmoe-firstboot.service 2>/dev/null || true; fi
 fi

@@ -126,6 +126,8 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     d.mkdir()
     (d / "credentials").write_text("pi-07:s3cret:with-colon\n")
     (d / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n")
+    (d / "client.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIBclient\n-----END CERTIFICATE-----\n")
+    (d / "client.key").write_text("-----BEGIN PRIVATE KEY-----\nMIIEkey\n-----END PRIVATE KEY-----\n")
     (d / "wifi.pw").write_text(WIFI_PASSPHRASE + "\n")
     (d / "id_ed25519.pub").write_text(
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBZkVYiG4QP1vGdGm1yqsKaVLaCiYdLMPM0sXl0cKLBm admin@laptop\n")
@@ -332,6 +334,12 @@ def test_new_image_file_target_is_created(tmp_path, inputs):
         ({"--memory-budget-mb": "lots"}, "bad --memory-budget-mb"),
         ({"--checksum": "0" * 64}, "checksum mismatch"),
         ({"--provisioning": "magic"}, "choose auto, cloud-init or firstrun"),
+        ({"--broker": "mqtts://10.0.0.2:8883", "--certfile": "client.pem"}, "give --certfile and --keyfile together"),
+        ({"--certfile": "client.pem", "--keyfile": "client.key"}, "a client certificate needs TLS"),
+        ({"--broker": "mqtts://10.0.0.2:8883", "--certfile": "client.pem", "--keyfile": "ca.pem"},
+         "holds no PEM private key"),
+        ({"--broker": "mqtts://10.0.0.2:8883", "--certfile": "client.key", "--keyfile": "client.key"},
+         "holds no PEM certificate"),
     ],
 )
 def test_bad_arguments_fail_clearly_and_leave_target_untouched(tmp_path, inputs, change, message):
@@ -349,7 +357,8 @@ def test_bad_arguments_fail_clearly_and_leave_target_untouched(tmp_path, inputs,
         elif value is None:
             opts.pop(key)
         else:
-            opts[key] = inputs.get(value, tmp_path / value) if key in {"--ssh-key", "--data"} else value
+            opts[key] = (inputs.get(value, tmp_path / value) if key in {"--ssh-key", "--data", "--certfile", "--keyfile"}
+                         else value)
     if change.get("--ssh-key") == ".":
         opts["--ssh-key"] = tmp_path
     args = [x for kv in opts.items() for x in kv]
@@ -593,6 +602,47 @@ def test_install_from_flashed_card(tmp_path, inputs):
     assert second.returncode == 0 and tree(root) == snapshot and "done: 0 changed" in second.stdout
 
 
+def test_client_certificate_goes_from_the_card_to_the_client(tmp_path, inputs):
+    """A broker that requires client certificates: flash_sd.sh --certfile/--keyfile -> the
+    installed service passes them to the client; the private key leaves the boot partition."""
+    require(*FLASH_TOOLS, "shellcheck")
+    image = build_os_image(tmp_path / "os.img")
+    card = tmp_path / "card.img"
+    res = flash(image, card, *full_args(inputs), "--broker", "mqtts://10.0.0.2:8883", "--cafile", inputs["ca.pem"],
+                "--certfile", inputs["client.pem"], "--keyfile", inputs["client.key"])
+    assert res.returncode == 0, res.stderr
+    assert "client certificate" in res.stderr
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    assert run(["mcopy", "-s", "-i", f"{card}@@{BOOT_OFFSET}", "::/edgehmoe", boot]).returncode == 0
+    root = tmp_path / "root"
+    root.mkdir()
+
+    res = install(root, "--from-boot", boot / "edgehmoe")
+
+    assert res.returncode == 0, res.stderr
+    env = unit_fields((root / "etc/edgehmoe/client.env").read_text())
+    assert env["EDGEHMOE_CERTFILE"] == "/etc/edgehmoe/client.crt" and env["EDGEHMOE_KEYFILE"] == "/etc/edgehmoe/client.key"
+    files = tree(root)
+    assert files["etc/edgehmoe/client.crt"] == (0o644, sha256(inputs["client.pem"]))
+    assert files["etc/edgehmoe/client.key"] == (0o640, sha256(inputs["client.key"]))
+    left = {p.name for p in (boot / "edgehmoe").iterdir()}
+    assert "client.key" not in left and "client.crt" in left and "installed" in left
+    # the service's runner hands them to the client
+    fake_client = tmp_path / "client"
+    fake_client.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake_client.chmod(0o755)
+    env["EDGEHMOE_DATA"] = str(root / "var/lib/edgehmoe/data/shard.npz")
+    out = subprocess.run([root / "opt/edgehmoe/bin/edgehmoe-run"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "EDGEHMOE_CLIENT_BIN": str(fake_client), **env})
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.splitlines()
+    assert argv[argv.index("--certfile") + 1] == "/etc/edgehmoe/client.crt"
+    assert argv[argv.index("--keyfile") + 1] == "/etc/edgehmoe/client.key"
+    assert argv[argv.index("--cafile") + 1] == "/etc/edgehmoe/ca.crt"
+    assert run(["shellcheck", root / "opt/edgehmoe/bin/edgehmoe-run"]).returncode == 0
+
+
 def test_runner_turns_client_env_into_client_arguments(tmp_path, inputs):
     require("shellcheck")
     root = tmp_path / "root"
@@ -652,6 +702,25 @@ def test_install_client_bad_input_writes_nothing(tmp_path, args, env_text, messa
     if env_text:
         (boot / "client.env").write_text(env_text)
     res = install(root, *[str(boot) if a == "BOOT" else a for a in args])
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "broker, files, message",
+    [
+        ("mqtts://h:8883", ["--certfile", "client.pem"], "give --certfile and --keyfile together"),
+        ("mqtt://h:1883", ["--certfile", "client.pem", "--keyfile", "client.key"], "a client certificate needs TLS"),
+        ("mqtts://h:8883", ["--certfile", "client.pem", "--keyfile", "ca.pem"], "holds no PEM private key"),
+        ("mqtts://h:8883", ["--certfile", "client.key", "--keyfile", "client.key"], "holds no PEM certificate"),
+    ],
+)
+def test_install_client_refuses_a_bad_client_certificate(tmp_path, inputs, broker, files, message):
+    root = tmp_path / "root"
+    root.mkdir()
+    res = install(root, "--broker", broker, "--device-id", "a", "--memory-budget-mb", "256",
+                  *[inputs.get(f, f) for f in files])
     assert res.returncode != 0
     assert message in res.stderr, res.stderr
     assert list(root.iterdir()) == []
