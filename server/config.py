@@ -71,7 +71,7 @@ class ModelSection:
     # below it, summed into children by the network; docs/accuracy.md). Same bundle format.
     expert_head: str = "leaves"
     root_stem_stride: int = 2  # 2: the root's first convolution is strided (1/4 of its activations)
-    expert_stem_stride: int = 1  # the same for every other expert (2 for large inputs, e.g. 64 px)
+    expert_stem_stride: int = 2  # the same for every other expert (1: full-resolution experts)
     # > 0: route through a two-level tree whose root chooses among groups of at most this many
     # classes (a cut of the dataset's tree; metrics still on the full tree). 0: the dataset's
     # tree. "auto": trees deeper than two levels are cut to groups of at most 30 classes.

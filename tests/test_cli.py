@@ -189,7 +189,7 @@ def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsy
 
     # Prepare: what the cost model says for this data and tree
     train = load_dataset(TINY, "train")
-    specs = expert_specs(train.hierarchy, 16, head="leaves", root_stem_stride=2)  # fit's defaults
+    specs = expert_specs(train.hierarchy, 16, head="leaves", root_stem_stride=2, expert_stem_stride=2)  # fit's defaults
     flat = flat_spec(train.hierarchy, 16).to_dict()
     per_node = {n: (s.to_dict(), int((expert_label_map(train.hierarchy, n, s)[train.y] >= 0).sum())) for n, s in specs.items()}
     expected = equal_compute_epochs(flat, len(train), 3, per_node)
@@ -215,15 +215,15 @@ def test_fit_equal_compute_gives_the_hmoe_the_flat_training_macs(tmp_path, capsy
     model = json.loads((tmp_path / "m" / "model.json").read_text())
     assert model["models"]["hmoe"]["experts"]["0"]["arch"]["leaf_groups"] == [0, 0, 0, 1, 1, 1]
     assert model["models"]["hmoe"]["experts"]["0"]["arch"]["stem_stride"] == 2
-    # --expert-head children --root-stem-stride 1 give the plain networks
+    # --expert-head children --root-stem-stride 1 --expert-stem-stride 1 give the plain networks
     r = _fit_json(capsys, "--model", "hmoe", "--epochs", "1", "--expert-head", "children", "--root-stem-stride", "1",
-                  "--expert-stem-stride", "2", "--out", str(tmp_path / "plain"), batch_size=9)
+                  "--expert-stem-stride", "1", "--out", str(tmp_path / "plain"), batch_size=9)
     experts = json.loads((tmp_path / "plain" / "model.json").read_text())["models"]["hmoe"]["experts"]
     root = experts["0"]["arch"]
     assert "leaf_groups" not in root and root.get("stem_stride", 1) == 1 and r["hmoe"]["expert_head"] == "children"
-    assert all(e["arch"]["stem_stride"] == 2 for n, e in experts.items() if n != "0")
-    assert r["hmoe"]["expert_stem_stride"] == 2
-    assert model["models"]["hmoe"]["experts"]["1"]["arch"].get("stem_stride", 1) == 1  # the default: 1
+    assert all(e["arch"].get("stem_stride", 1) == 1 for n, e in experts.items() if n != "0")
+    assert r["hmoe"]["expert_stem_stride"] == 1
+    assert model["models"]["hmoe"]["experts"]["1"]["arch"]["stem_stride"] == 2  # the default: 2
 
 
 def test_fit_leaf_head_distilled_calibrated_bundle_predicts_as_torch(fitted, tmp_path, capsys):

@@ -184,6 +184,20 @@ def test_export_refuses_to_overwrite_and_rejects_non_model_dirs(exported, tmp_pa
         export_bundle(tmp_path / "nothing", tmp_path / "b")
 
 
+def test_export_of_a_flat_only_model_dir_says_what_to_train(tmp_path):
+    # Prepare: what `edgehmoe fit --model flat` writes (no experts)
+    tree = tree12()
+    md = new_model_dir(tmp_path / "flat-only", tree, SIZE, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], "unit-test")
+    spec = flat_spec(tree, SIZE, 8)
+    m = build_model(spec)
+    md.write_flat(spec.to_dict(), state_arrays(m), count_params(m))
+    md.save_json()
+    # Execute / Assert: a clear error before anything is written
+    with pytest.raises(CheckpointError, match=r"only the flat model: .*fit --model both"):
+        export_bundle(md.path, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def _route_from(chain: BundlePredictor, x: np.ndarray, start: int, nodes: list[int] | None = None):
     """Greedy descent in the full bundle starting at ``start`` (reference for subsets)."""
     tree = chain.tree

@@ -172,4 +172,4 @@ def test_resume_keeps_the_architecture_the_run_was_created_with(tmp_path, caplog
     # a run that names them keeps what it names
     out2, _, _ = finished_run(tmp_path / "new")
     assert run_architecture(out2 / "config.toml") == {"expert_head": "leaves", "root_stem_stride": 2,
-                                                      "expert_stem_stride": 1, "tree_groups": "auto"}
+                                                      "expert_stem_stride": 2, "tree_groups": "auto"}

@@ -344,9 +344,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train each expert on its children, or on the leaves below it with the network "
                         "summing leaf probabilities into children (same bundle format) (default leaves: "
                         "measured best, docs/accuracy.md)")
-    g.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=1,
-                   help="stride of the first convolution of every other expert (default 1; 2 for large "
-                        "inputs such as Tiny ImageNet's 64 px: a quarter of their activations and MACs)")
+    g.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=2,
+                   help="stride of the first convolution of every other expert: 2 runs them at half "
+                        "resolution (a quarter of their activations and MACs) (default 2: measured best, "
+                        "docs/accuracy.md; 1 for full-resolution experts)")
     g.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution: 2 runs the root at half resolution "
                         "(a quarter of its activation memory and MACs per width) (default 2: measured best)")

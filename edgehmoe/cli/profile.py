@@ -66,8 +66,8 @@ def get_args_parser(add_help: bool = True, prog: str | None = None) -> argparse.
     p.add_argument("--expert-head", choices=["children", "leaves"], default="leaves",
                    help="experts trained on their children or on the leaves below them, as in the run "
                         "being profiled (default leaves, the run default; docs/accuracy.md)")
-    p.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=1,
-                   help="stride of the other experts' first convolution, as in the run being profiled (default 1)")
+    p.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=2,
+                   help="stride of the other experts' first convolution, as in the run being profiled (default 2)")
     p.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=2,
                    help="stride of the root's first convolution, as in the run being profiled (default 2)")
     p.add_argument("--tree-groups", type=tree_groups_arg, default="auto", metavar="K|auto",

@@ -294,8 +294,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train each expert on its children or on the leaves below it (default: the config's, "
                         "leaves; docs/accuracy.md)")
     s.add_argument("--expert-stem-stride", type=int, choices=[1, 2], default=None,
-                   help="2: strided first convolution of every other expert too (large inputs; default: the "
-                        "config's, 1)")
+                   help="2: strided first convolution of every other expert too (a quarter of their "
+                        "activations); 1: full resolution (default: the config's, 2)")
     s.add_argument("--root-stem-stride", type=int, choices=[1, 2], default=None,
                    help="2: strided first convolution of the root (a quarter of its activations); 1: full "
                         "resolution (default: the config's, 2)")

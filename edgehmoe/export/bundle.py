@@ -280,8 +280,11 @@ def export_bundle(
     if bad:
         raise UsageError(f"unknown fused graph kind(s) {bad}; valid: {', '.join(FUSED_KINDS)}")
     md = model_dir if isinstance(model_dir, ModelDir) else read_model_dir(model_dir)
-    if not md.experts and (md.flat is None or not include_flat):
-        raise CheckpointError(f"{md.path} holds no hierarchical model to export (and no flat model to include)")
+    if not md.experts:  # a bundle is the chain of experts, with the flat model beside it
+        raise CheckpointError(
+            f"{md.path} holds no hierarchical model to export"
+            + (" (only the flat model: a bundle carries the chain of experts, with the flat model as its baseline; "
+               "train with edgehmoe fit --model both)" if md.flat is not None else ""))
     out = Path(out)
     tree = md.hierarchy
     hm, fm, _ = load_models(md)

@@ -613,7 +613,7 @@ def profile(args: argparse.Namespace) -> dict:
     load_start = _loadavg()
     ds, x, y, mean, std = _load_client(args.dataset, args.samples_per_client, args.seed)
     head, stride = getattr(args, "expert_head", "leaves"), getattr(args, "root_stem_stride", 2)
-    expert_stride, groups = getattr(args, "expert_stem_stride", 1), getattr(args, "tree_groups", "auto")
+    expert_stride, groups = getattr(args, "expert_stem_stride", 2), getattr(args, "tree_groups", "auto")
     models = _models(ds, y, args.flat_width, head, stride, expert_stride, groups)
     if not args.quiet:
         print(f"{ds.name}: {len(y)} client samples, {ds.num_classes} classes, {len(models) - 1} experts, "
