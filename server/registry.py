@@ -220,7 +220,11 @@ class DeviceRegistry:
             return
         d.last_seen = self.clock()
         if s.state == "offline":
-            if d.online:
+            if s.detail == wire.STOPPED_DETAIL:  # stopped on purpose: nothing to wait for
+                if d.online:
+                    logger.info("device %s stopped", s.device_id)
+                self.went_offline.pop(s.device_id, None)
+            elif d.online:
                 logger.warning("device %s went offline", s.device_id)
                 self.went_offline[s.device_id] = d.last_seen
             d.online = False

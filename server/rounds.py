@@ -389,8 +389,11 @@ class RoundRunner:
                 self._settle_device(dev_id, "offline", f"went offline (not back within {self.offline_grace_s:g} s)")
 
     def _on_status(self, s: wire.Status) -> None:
-        if s.state == "offline":  # last will
-            if self.offline_grace_s <= 0:  # its part of the round ends now, not at the deadline
+        if s.state == "offline":  # its last will, or it stopped on purpose
+            if s.detail == wire.STOPPED_DETAIL:  # not coming back for this task: end it now
+                self._lost.pop(s.device_id, None)
+                self._settle_device(s.device_id, "offline", "the device stopped")
+            elif self.offline_grace_s <= 0:  # its part of the round ends now, not at the deadline
                 self._settle_device(s.device_id, "offline", "went offline")
             elif self._unanswered(s.device_id) and s.device_id not in self._lost:
                 self._lost[s.device_id] = self.clock()

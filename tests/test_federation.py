@@ -318,6 +318,32 @@ def test_client_killed_mid_round_round_completes_without_it(fed):
     assert not [d for d in state["devices"] if d["device_id"] == victim][0]["online"]
 
 
+def test_client_stopped_on_purpose_is_not_waited_for(fed, caplog):
+    from edgehmoe.server.app import AggregationServer
+
+    # Prepare: a generous grace; the victim's edgehmoe-client is stopped (SIGTERM) while it trains
+    # round 1: it finishes that task, says it stopped, and exits. The server must not keep waiting
+    # for it to reconnect (as it would for a lost connection).
+    f = fed(3, extra_users=("edgehmoe-monitor",))
+    cfg = f.config("t-stop", rounds=4, round_timeout_s=60.0, offline_grace_s=60.0)
+    cfg.train.epochs = 40  # a round stays busy ~1 s, long enough for the signal to land inside it
+    f.start_clients(cfg.run.name)
+    victim = "dev-2"
+    watcher = on_busy(f, cfg.run.name, victim, 1, lambda: f.procs[victim].send_signal(signal.SIGTERM))
+    caplog.set_level(logging.INFO)
+    # Execute
+    rows = AggregationServer(cfg).run()
+    # Assert: its last task was answered; later rounds went on without it and without a wait
+    watcher.join(timeout=30)
+    assert f.procs[victim].wait(timeout=30) == 0
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    last = max(r["round"] for r in rows if victim in r["outcomes"])
+    assert last in (1, 2) and rows[last]["outcomes"][victim] == "ok", [r["outcomes"] for r in rows]
+    assert all(victim not in r["outcomes"] and r["devices_answered"] == 2 for r in rows[last + 1:])
+    assert "waiting for dev-2 to reconnect" not in caplog.text
+    assert "device dev-2 stopped" in caplog.text and "device dev-2 went offline" not in caplog.text
+
+
 def test_server_killed_and_resumed_loses_and_repeats_no_round(fed, tmp_path):
     from edgehmoe.server.config import dump_config
 

@@ -346,6 +346,33 @@ def test_next_round_waits_for_devices_whose_will_arrived_between_rounds(tmp_path
     assert (fake.later == []) == bool(grace)  # without the grace the run ended before "b" was back
 
 
+def test_device_that_stops_on_purpose_is_not_waited_for(tmp_path, caplog):
+    # Prepare: in round 0 "b" stops mid-task (edgehmoe-client stopped: its offline status says so);
+    # after round 0 "c" stops too. Neither is coming back, so no grace applies to them.
+    def reply(dev, task):
+        if dev == "b":
+            return [fake.status(dev, "busy", task.round), fake.status(dev, "offline", -1, wire.STOPPED_DETAIL)]
+        items = [fake.result(dev, task, const_like(task.weights, 2.0, 1), 4)]
+        if task.round == 0 and dev == "c":
+            items.append(fake.status("c", "offline", -1, wire.STOPPED_DETAIL))
+        return items
+
+    server, fake, clock = make_server(tmp_path, reply, ["a", "b", "c"], rounds=2, eval_every=0,
+                                      offline_grace_s=10.0)
+    caplog.set_level(logging.INFO)
+    t0 = clock.t
+    # Execute
+    rows = server.run()
+    # Assert: "b"'s task ended when it stopped; round 1 was planned at once with "a" alone
+    assert rows[0]["outcomes"] == {"a": "ok", "b": "offline", "c": "ok"}
+    assert rows[0]["reasons"]["b"] == "the device stopped"
+    assert rows[1]["outcomes"] == {"a": "ok"}
+    assert clock.t - t0 < 5.0  # neither the grace (10 s) nor a deadline was waited for
+    assert "waiting for" not in caplog.text and "lost its connection" not in caplog.text
+    assert "device b stopped" in caplog.text and "device c stopped" in caplog.text
+    assert server.registry.went_offline == {}
+
+
 def test_result_of_a_finished_round_is_dropped_in_the_next(tmp_path, caplog):
     # Prepare: in round 1 "a" first re-sends its round-0 result (stale), then the real one.
     first = {}

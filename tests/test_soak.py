@@ -38,9 +38,10 @@ def test_soak_every_round_committed_once_with_exactly_the_devices_that_answered_
     # A late answer ends as "timeout" only when it misses the deadline of a round that is then
     # committed; on a loaded machine the schedule can put every late fault elsewhere (seen once:
     # 0 timeouts at load 20), so it is not required here; the events log below shows it acted.
-    # A dropped or departed device comes back within the 2.5 s deadline here; the server sends it
-    # its task again (schedule.offline_grace_s) and, the emulated device never answering a task
-    # it dropped, ends it "timeout" (or "offline" when it is still away at the deadline).
+    # A dropped device comes back within the 2.5 s deadline here; the server sends it its task
+    # again (schedule.offline_grace_s) and, the emulated device never answering a task it dropped,
+    # ends it "timeout" (or "offline" when it is still away at the deadline). A departed device
+    # stopped on purpose: its task ends "offline" at once.
     assert outcomes.get("offline", 0) + outcomes.get("timeout", 0) >= 1 and outcomes.get("invalid", 0) >= 1
     events = [json.loads(ln) for ln in (tmp_path / "soak-16" / "events.jsonl").read_text().splitlines()]
     acted = {e["action"] for e in events}

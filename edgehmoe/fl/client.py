@@ -232,6 +232,6 @@ class DeviceClient:
                 if self.max_tasks and self.tasks_done >= self.max_tasks:
                     break
         finally:
-            self._status("offline", -1, "client stopped")
+            self._status("offline", -1, wire.STOPPED_DETAIL)
             self.conn.close()
         return 0

@@ -20,7 +20,9 @@ independently with the given probabilities:
 ``late``     answer ``late_s`` after the task's deadline (the server must drop it);
 ``drop``     cut the link mid-round without a DISCONNECT (the broker publishes the will), then
              reconnect by itself about a second later; the task is never answered;
-``leave``    go ``offline`` cleanly mid-round, disconnect, come back ``away_s`` later;
+``leave``    stop cleanly mid-round like a stopped ``edgehmoe-client`` (``offline`` with
+             :data:`~edgehmoe.fl.wire.STOPPED_DETAIL`, so the server ends the task at once),
+             disconnect, come back ``away_s`` later;
 ``garbage``  send bytes that are no wire message as the result;
 ``dup``      send the (valid) result twice (the server must count it once).
 
@@ -432,7 +434,7 @@ class Fleet:
         """Disconnect every device cleanly (an ``offline`` status first, like ``edgehmoe-client``)."""
         for dev in self.devices:
             if dev.conn is not None and dev.conn.connected:
-                self._status(dev, "offline", -1, "fleet stopped")
+                self._status(dev, "offline", -1, wire.STOPPED_DETAIL)
         for dev in self.devices:
             if dev.conn is not None:
                 try:
@@ -576,8 +578,9 @@ class Fleet:
     def _leave(self, dev: _Device, task: wire.TrainTask) -> None:
         self._event(device=dev.id, round=task.round, task=task.task_id, action="leave", deadline=task.deadline_unix)
         try:
-            dev.conn.publish(self._topics.status(dev.id), wire.encode(wire.Status(dev.id, "offline", -1, "left")),
-                             qos=1, retain=True, wait=True, timeout=10)
+            stopped = wire.Status(dev.id, "offline", -1, wire.STOPPED_DETAIL)
+            dev.conn.publish(self._topics.status(dev.id), wire.encode(stopped), qos=1, retain=True, wait=True,
+                             timeout=10)
         except (TimeoutError, ConnectionError, EdgeHmoeError) as e:
             logger.info("%s: offline status not acknowledged: %s", dev.id, e)
         dev.conn.close()

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_NDIM",
     "MAX_ELEMENTS",
     "DEVICE_STATES",
+    "STOPPED_DETAIL",
     "ID_PATTERN",
     "WireError",
     "Hello",
@@ -80,6 +81,13 @@ MAX_ELEMENTS = 64 * 1024 * 1024
 
 #: Allowed values of :attr:`Status.state`.
 DEVICE_STATES = ("online", "idle", "busy", "offline", "refused", "error")
+
+#: :attr:`Status.detail` of the ``offline`` status a device publishes when it stops on purpose
+#: (``edgehmoe-client`` stopped); its last will (connection lost) says something else.  The server
+#: ends such a device's task at once instead of keeping it ``schedule.offline_grace_s`` for a
+#: reconnect.  A server that does not know this value treats it as any ``offline``, so peers of
+#: either kind still understand each other (no protocol version change).
+STOPPED_DETAIL = "client stopped"
 
 #: Run names, device ids and task ids: letters, digits, ``-``, ``_``, ``.`` (1-128 chars).  They
 #: become MQTT topic levels and broker user names, so ``/``, ``+``, ``#`` and spaces are excluded.
