@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -603,8 +604,13 @@ class MosquittoBroker:
             if self.running:
                 self.reload()
 
-    def reload(self, timeout: float = 5.0) -> None:
-        """Make Mosquitto re-read its password and ACL files (SIGHUP) and wait until it has."""
+    def reload(self, timeout: float = 30.0) -> None:
+        """Make Mosquitto re-read its password and ACL files (SIGHUP) and wait until it has.
+
+        The wait ends as soon as the broker logs the reload (milliseconds on an idle machine), or
+        with :class:`BrokerError` at once if the broker died; the timeout only bounds a broker
+        that never answers.
+        """
         if not self.running:
             raise BrokerError("broker is not running")
         before = self._count_in_log("Reloading config")
@@ -614,6 +620,8 @@ class MosquittoBroker:
         # Mosquitto logs the line, then reloads in the same loop iteration, before it reads any
         # new socket: a client connecting after we saw the line meets the new configuration.
         while self._count_in_log("Reloading config") <= before:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited (code {self._proc.returncode}) when told to reload:\n{self._tail()}")
             if time.monotonic() > deadline:
                 raise BrokerError(f"mosquitto did not log a reload within {timeout} s (see {self.log_path})")
             time.sleep(0.02)
@@ -708,6 +716,7 @@ class MosquittoBroker:
 
     def _spawn(self, timeout: float) -> None:
         self._write_files()
+        log_start = self._log_size()
         with open(self._stdout_path, "ab") as out:
             self._proc = subprocess.Popen(
                 [self.executable, "-c", str(self.config_path)],
@@ -719,6 +728,13 @@ class MosquittoBroker:
         # Never leave an orphan broker behind, even if the caller forgets stop().
         self._finalizer = weakref.finalize(self, _terminate, self._proc)
         deadline = time.monotonic() + timeout
+        self._await_port(deadline, timeout)
+        self._await_running(deadline, timeout, log_start)
+        logger.info("mosquitto running on %s (pid %s, auth=%s, log %s)", self.url, self._proc.pid, self.auth,
+                    self.log_path)
+
+    def _await_port(self, deadline: float, timeout: float) -> None:
+        assert self._proc is not None
         while True:
             if self._proc.poll() is not None:
                 text = self._tail()
@@ -734,8 +750,38 @@ class MosquittoBroker:
                     self.stop()
                     raise BrokerError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self._tail()}")
                 time.sleep(0.02)
-        logger.info("mosquitto running on %s (pid %s, auth=%s, log %s)", self.url, self._proc.pid, self.auth,
-                    self.log_path)
+
+    def _await_running(self, deadline: float, timeout: float, log_start: int) -> None:
+        """Wait for Mosquitto 2's "running" log line: it opens its port *before* it installs its
+        signal handlers, so a SIGHUP (:meth:`reload`) in between would kill it (seen at load 25).
+        Mosquitto 1.x logs no such line; its start-up is taken as done once the port is open."""
+        assert self._proc is not None
+        if not _MOSQUITTO_2.search(self._log_since(log_start)):
+            return
+        while _RUNNING not in self._log_since(log_start):
+            if self._proc.poll() is not None:
+                text, self._proc = self._tail(), None
+                raise BrokerError(f"mosquitto exited at start-up:\n{text}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"mosquitto opened port {self.port} but did not log that it runs within "
+                                  f"{timeout} s:\n{self._tail()}")
+            time.sleep(0.02)
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int, limit: int = 1 << 16) -> str:
+        """At most ``limit`` bytes of the broker log from byte ``offset`` on (what one start-up wrote)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(limit).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def _tail(self, lines: int = 20) -> str:
         chunks: List[str] = []
@@ -782,6 +828,12 @@ class MosquittoBroker:
 
 class _AddressInUse(Exception):
     pass
+
+
+#: What Mosquitto 2 logs once its signal handlers are installed and it serves clients.
+_RUNNING = " running\n"
+#: Its start-up line, from which on it logs ``_RUNNING`` (Mosquitto 1.x does not).
+_MOSQUITTO_2 = re.compile(r"mosquitto version [2-9]\.\S* starting")
 
 
 def start_local_broker(**kwargs: Any) -> MosquittoBroker:

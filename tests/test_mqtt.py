@@ -531,3 +531,42 @@ def test_tls_with_private_ca(tmp_path: Path) -> None:
         untrusted = MqttConnection.from_url(broker.url, client_id="u", username="edgehmoe-server", password="pw")
         with pytest.raises(ConnectionError, match="TLS"):
             untrusted.connect(timeout=10)
+
+
+SLOW_STARTER = textwrap.dedent('''\
+    """Start-up order of Mosquitto 2 (src/mosquitto.c), slowed down: log "starting", open the
+    port, and only a second later install the SIGHUP handler and log "running"."""
+    import signal, socket, sys, time
+
+    conf = dict(line.split(" ", 1) for line in open(sys.argv[2]).read().splitlines()
+                if line and not line.startswith("#"))
+    port, host = conf["listener"].split()
+    log = open(conf["log_dest"].split(" ", 1)[1], "a", buffering=1)
+    log.write("t: mosquitto version 2.0.11 starting\\n")
+    s = socket.create_server((host, int(port)))
+    time.sleep(1.0)  # a SIGHUP now takes the default action: the process dies
+    signal.signal(signal.SIGHUP, lambda *a: log.write("t: Reloading config.\\n"))
+    log.write("t: mosquitto version 2.0.11 running\\n")
+    while True:
+        s.accept()[0].close()
+''')
+
+
+def test_start_waits_until_the_broker_can_take_a_reload(tmp_path: Path) -> None:
+    from edgehmoe.server.broker import MosquittoBroker
+
+    # Prepare: an executable that opens its port a second before it could survive a SIGHUP
+    # (Mosquitto does the same, in less time; at load 25 a reload right after start killed it)
+    exe = tmp_path / "slow-mosquitto"
+    exe.write_text(f"#!{sys.executable}\n" + SLOW_STARTER)
+    exe.chmod(0o755)
+    broker = MosquittoBroker(auth=False, run_dir=tmp_path / "b", executable=str(exe))
+    try:
+        # Execute
+        broker.start()
+        broker.reload()
+        # Assert: the reload was taken, the broker still runs
+        assert broker.running
+        assert broker.log_path.read_text().count("Reloading config") == 1
+    finally:
+        broker.stop()
