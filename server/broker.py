@@ -613,24 +613,18 @@ class MosquittoBroker:
         """
         if not self.running:
             raise BrokerError("broker is not running")
-        before = self._count_in_log("Reloading config")
+        log_start = self._log_size()
         assert self._proc is not None
         self._proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         # Mosquitto logs the line, then reloads in the same loop iteration, before it reads any
         # new socket: a client connecting after we saw the line meets the new configuration.
-        while self._count_in_log("Reloading config") <= before:
+        while "Reloading config" not in self._log_since(log_start):
             if self._proc.poll() is not None:
                 raise BrokerError(f"mosquitto exited (code {self._proc.returncode}) when told to reload:\n{self._tail()}")
             if time.monotonic() > deadline:
                 raise BrokerError(f"mosquitto did not log a reload within {timeout} s (see {self.log_path})")
             time.sleep(0.02)
-
-    def _count_in_log(self, needle: str) -> int:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace").count(needle)
-        except FileNotFoundError:
-            return 0
 
     # ---- config ----------------------------------------------------------------------------------
 
@@ -774,12 +768,12 @@ class MosquittoBroker:
         except FileNotFoundError:
             return 0
 
-    def _log_since(self, offset: int, limit: int = 1 << 16) -> str:
-        """At most ``limit`` bytes of the broker log from byte ``offset`` on (what one start-up wrote)."""
+    def _log_since(self, offset: int) -> str:
+        """The broker log from byte ``offset`` on (what it wrote since a start or a reload began)."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(offset)
-                return f.read(limit).decode("utf-8", errors="replace")
+                return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 

@@ -220,7 +220,7 @@ class DeviceRegistry:
             return
         d.last_seen = self.clock()
         if s.state == "offline":
-            if s.detail == wire.STOPPED_DETAIL:  # stopped on purpose: nothing to wait for
+            if s.stopped:  # stopped on purpose: nothing to wait for
                 if d.online:
                     logger.info("device %s stopped", s.device_id)
                 self.went_offline.pop(s.device_id, None)

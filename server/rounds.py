@@ -390,7 +390,7 @@ class RoundRunner:
 
     def _on_status(self, s: wire.Status) -> None:
         if s.state == "offline":  # its last will, or it stopped on purpose
-            if s.detail == wire.STOPPED_DETAIL:  # not coming back for this task: end it now
+            if s.stopped:  # not coming back for this task: end it now
                 self._lost.pop(s.device_id, None)
                 self._settle_device(s.device_id, "offline", "the device stopped")
             elif self.offline_grace_s <= 0:  # its part of the round ends now, not at the deadline

@@ -158,6 +158,11 @@ class Status:
     #: Human-readable detail (error text, why a task was refused, ...); may be empty.
     detail: str
 
+    @property
+    def stopped(self) -> bool:
+        """``offline`` because the device stops on purpose (:data:`STOPPED_DETAIL`), not its last will."""
+        return self.state == "offline" and self.detail == STOPPED_DETAIL
+
 
 @dataclass(frozen=True, eq=False)
 class TrainTask:
